@@ -1,0 +1,90 @@
+"""CLIP text encoder: token ids (B, 77) -> per-token embeddings (B, 77, 768) that condition the UNet.
+
+Tutorial part: "CLIP" (hkproj clip.py: CLIPEmbedding, CLIPLayer, CLIP).
+Original: OpenAI CLIP ViT-L/14 text tower, as transformers' CLIPTextModel (what SD 1.5's
+`cond_stage_model.transformer` is). Reference: Radford et al. 2021, "Learning Transferable
+Visual Models From Natural Language Supervision".
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .attention import SelfAttention
+
+
+@dataclass(frozen=True)
+class CLIPConfig:
+    vocab_size: int = 49408     # BPE vocabulary of CLIP's tokenizer
+    n_tokens: int = 77          # context length: every prompt is padded/truncated to 77 tokens
+    d_model: int = 768          # ViT-L/14 text width
+    n_heads: int = 12
+    n_layers: int = 12
+    d_ff: int = 3072            # 4 * d_model, the MLP's hidden width
+    layer_norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        if self.d_model % self.n_heads:
+            raise ValueError(f"CLIPConfig: d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+
+    @classmethod
+    def tiny(cls) -> "CLIPConfig":
+        """A few-thousand-parameter text encoder for tests; keeps the real vocabulary and length."""
+        return cls(d_model=32, n_heads=4, n_layers=2, d_ff=64)
+
+
+class CLIPEmbedding(nn.Module):
+    def __init__(self, cfg: CLIPConfig):
+        super().__init__()
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        # Learned positions, one vector per slot of the 77-token window.
+        self.position_embedding = nn.Parameter(torch.zeros(cfg.n_tokens, cfg.d_model))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        T = tokens.shape[1]
+        return self.token_embedding(tokens) + self.position_embedding[:T]  # (B, T, D)
+
+
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x): the GELU approximation OpenAI trained CLIP with."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+class CLIPLayer(nn.Module):
+    """Pre-norm transformer layer: x + attention(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, cfg: CLIPConfig):
+        super().__init__()
+        self.layernorm_1 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
+        self.attention = SelfAttention(cfg.n_heads, cfg.d_model)
+        self.layernorm_2 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
+        self.linear_1 = nn.Linear(cfg.d_model, cfg.d_ff)
+        self.activation = QuickGELU()
+        self.linear_2 = nn.Linear(cfg.d_ff, cfg.d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attention(self.layernorm_1(x), causal_mask=True)
+        return x + self.linear_2(self.activation(self.linear_1(self.layernorm_2(x))))
+
+
+class CLIP(nn.Module):
+    def __init__(self, cfg: CLIPConfig = CLIPConfig()):
+        super().__init__()
+        self.config = cfg
+        self.embedding = CLIPEmbedding(cfg)
+        self.layers = nn.ModuleList([CLIPLayer(cfg) for _ in range(cfg.n_layers)])
+        self.layernorm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens: integer ids (B, T) with T <= n_tokens -> hidden states (B, T, d_model)."""
+        if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"CLIP expects integer token ids of shape (B, T), got {tuple(tokens.shape)} {tokens.dtype}")
+        if tokens.shape[1] > self.config.n_tokens:
+            raise ValueError(f"CLIP takes at most {self.config.n_tokens} tokens per prompt, got {tokens.shape[1]}")
+        x = self.embedding(tokens.long())  # (B, T, D)
+        for layer in self.layers:
+            x = layer(x)
+        return self.layernorm(x)

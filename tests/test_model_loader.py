@@ -1,0 +1,165 @@
+"""model_loader: every file form the released checkpoints come in, dtypes, EMA, and clear errors for the rest."""
+
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from reference import random_models, tiny_configs
+from sd.checkpoint_io import CheckpointError, UnsafeCheckpointError, open_checkpoint
+from sd.clip import CLIPConfig
+from sd.decoder import VAEConfig
+from sd.diffusion import DiffusionConfig
+from sd.model_converter import UNET_PREFIX, ema_key, to_standard_weights
+from sd.model_loader import configs_from_checkpoint, preload_models_from_standard_weights, save_standard_weights
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    configs = tiny_configs()
+    models = random_models(configs, seed=3)
+    return configs, models, to_standard_weights(models)
+
+
+def weights_equal(models, checkpoint) -> bool:
+    got = to_standard_weights(models)
+    return got.keys() == checkpoint.keys() and all(torch.equal(got[k], checkpoint[k].to(got[k].dtype)) for k in got)
+
+
+@pytest.mark.parametrize("form", ["state_dict wrapper", "flat"])
+def test_ckpt_files_load(tmp_path, tiny, form):
+    configs, _, checkpoint = tiny
+    path = tmp_path / "tiny.ckpt"
+    # Released .ckpt files also carry schedule buffers and training counters beside the weights.
+    extras = {"betas": torch.linspace(0.00085, 0.012, 1000), "model_ema.num_updates": torch.tensor(1, dtype=torch.int32)}
+    weights = {**checkpoint, **extras}
+    torch.save({"state_dict": weights, "global_step": 470000} if form != "flat" else weights, path)
+    models = preload_models_from_standard_weights(path, configs=configs)
+    assert weights_equal(models, checkpoint)
+    assert all(not m.training for m in models.values())
+
+
+def test_safetensors_carries_its_configs(tmp_path, tiny):
+    _, models, checkpoint = tiny
+    path = save_standard_weights(models, tmp_path / "tiny.safetensors")
+    loaded = preload_models_from_standard_weights(path)  # no configs given: read from the file's metadata
+    assert loaded["diffusion"].config == models["diffusion"].config
+    assert weights_equal(loaded, checkpoint)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_loads_in_that_dtype(tmp_path, tiny, dtype):
+    _, models, checkpoint = tiny
+    path = save_standard_weights(models, tmp_path / "tiny.safetensors")
+    loaded = preload_models_from_standard_weights(path, dtype=dtype)
+    assert all(p.dtype == dtype for m in loaded.values() for p in m.parameters())
+    assert weights_equal(loaded, {k: v.to(dtype) for k, v in checkpoint.items()})
+
+
+def test_full_checkpoint_uses_ema_weights_by_default(tmp_path, tiny):
+    """v1-5-pruned.ckpt: training weights under model.diffusion_model.*, EMA under model_ema.* without dots."""
+    configs, _, checkpoint = tiny
+    ema_models = random_models(configs, seed=99)
+    ema = {ema_key(k): v for k, v in to_standard_weights(ema_models).items() if k.startswith(UNET_PREFIX)}
+    path = tmp_path / "full.ckpt"
+    torch.save({"state_dict": {**checkpoint, **ema, "model_ema.decay": torch.tensor(0.9999)}}, path)
+
+    with_ema = preload_models_from_standard_weights(path, configs=configs)
+    for (_, ours), (_, theirs) in zip(with_ema["diffusion"].named_parameters(), ema_models["diffusion"].named_parameters()):
+        assert torch.equal(ours, theirs)
+    without = preload_models_from_standard_weights(path, configs=configs, use_ema=False)
+    assert weights_equal(without, checkpoint)
+
+
+def test_inpainting_channels_are_read_from_the_checkpoint(tmp_path):
+    """No metadata (as the released sd-v1-5-inpainting): the UNet's input width comes from its first conv."""
+    path = tmp_path / "inpaint.safetensors"
+    save_file({UNET_PREFIX + "input_blocks.0.0.weight": torch.zeros(320, 9, 3, 3),
+               UNET_PREFIX + "out.2.weight": torch.zeros(4, 320, 3, 3)}, str(path))
+    configs = configs_from_checkpoint(open_checkpoint(path))
+    assert configs["diffusion"] == DiffusionConfig(in_channels=9)
+    assert configs["clip"] == CLIPConfig() and configs["vae"] == VAEConfig()
+
+    models = random_models(tiny_configs(in_channels=9), seed=5)
+    path = tmp_path / "tiny-inpaint.ckpt"
+    torch.save({"state_dict": to_standard_weights(models)}, path)
+    loaded = preload_models_from_standard_weights(path, configs=tiny_configs(in_channels=9))
+    assert loaded["diffusion"].config.in_channels == 9
+    assert weights_equal(loaded, to_standard_weights(models))
+
+
+# --- bad input: each a clear message, raised before any weights are read --------------------------------
+
+
+def test_missing_file():
+    with pytest.raises(FileNotFoundError, match="weights"):
+        preload_models_from_standard_weights("weights/no-such-model.safetensors")
+
+
+@pytest.mark.parametrize("content", [b"", b"hello, I am a text file\n" * 10, os.urandom(4096)], ids=["empty", "text", "random"])
+def test_not_a_checkpoint(tmp_path, content):
+    path = tmp_path / "model.ckpt"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match="not a checkpoint"):
+        preload_models_from_standard_weights(path)
+
+
+def test_truncated_file(tmp_path, tiny):
+    _, models, _ = tiny
+    path = save_standard_weights(models, tmp_path / "tiny.safetensors")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated"):
+        preload_models_from_standard_weights(path)
+
+
+def _other(kind: str) -> dict[str, torch.Tensor]:
+    t = torch.zeros(2, 2)
+    return {
+        "SD 2.x": {"cond_stage_model.model.token_embedding.weight": t, UNET_PREFIX + "input_blocks.0.0.weight": t},
+        "SDXL": {"conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight": t},
+        "LoRA": {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": t},
+        "diffusers' layout": {"conv_in.weight": t, "down_blocks.0.resnets.0.conv1.weight": t},
+        "VAE on its own": {"encoder.conv_in.weight": t, "decoder.conv_in.weight": t},
+        "not a Stable Diffusion checkpoint": {"fc.weight": t, "fc.bias": t[0]},
+        "without its VAE and text encoder": {UNET_PREFIX + "input_blocks.0.0.weight": t},
+    }[kind]
+
+
+@pytest.mark.parametrize("kind", ["SD 2.x", "SDXL", "LoRA", "diffusers' layout", "VAE on its own",
+                                  "not a Stable Diffusion checkpoint", "without its VAE and text encoder"])
+def test_other_architectures_are_named(tmp_path, kind):
+    path = tmp_path / "other.safetensors"
+    save_file(_other(kind), str(path))
+    with pytest.raises(CheckpointError, match=kind.replace(".", r"\.")) as info:
+        preload_models_from_standard_weights(path)
+    assert "Stable Diffusion 1.x" in str(info.value)
+
+
+def test_sd2_context_width_is_named(tmp_path, tiny):
+    _, _, checkpoint = tiny
+    bad = dict(checkpoint)
+    bad[UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"] = torch.zeros(32, 1024)
+    path = tmp_path / "sd2.safetensors"
+    save_file(bad, str(path))
+    with pytest.raises(CheckpointError, match="context 1024"):
+        preload_models_from_standard_weights(path)
+
+
+def test_unsafe_ckpt_is_refused(tmp_path):
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {"x": torch.zeros(1)}, "payload": Exploit()}, path)
+    with pytest.raises(UnsafeCheckpointError, match="os.system|posix.system"):
+        preload_models_from_standard_weights(path)
+    assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, "float16", None])
+def test_bad_dtype(tmp_path, dtype):
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        preload_models_from_standard_weights(tmp_path / "never-opened.safetensors", dtype=dtype)
