@@ -116,7 +116,7 @@ def test_truncated_file(tmp_path, tiny):
 
 def _other(kind: str) -> dict[str, torch.Tensor]:
     t = torch.zeros(2, 2)
-    return {
+    files = {
         "SD 2.x": {"cond_stage_model.model.token_embedding.weight": t, UNET_PREFIX + "input_blocks.0.0.weight": t},
         "SDXL": {"conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight": t},
         "LoRA": {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": t},
@@ -124,7 +124,8 @@ def _other(kind: str) -> dict[str, torch.Tensor]:
         "VAE on its own": {"encoder.conv_in.weight": t, "decoder.conv_in.weight": t},
         "not a Stable Diffusion checkpoint": {"fc.weight": t, "fc.bias": t[0]},
         "without its VAE and text encoder": {UNET_PREFIX + "input_blocks.0.0.weight": t},
-    }[kind]
+    }
+    return {k: v.clone() for k, v in files[kind].items()}  # safetensors refuses tensors that share memory
 
 
 @pytest.mark.parametrize("kind", ["SD 2.x", "SDXL", "LoRA", "diffusers' layout", "VAE on its own",
