@@ -1,0 +1,84 @@
+"""DDPM sampler: one reverse-diffusion step x_t -> x_{t_prev} from the UNet's noise prediction, and the forward process.
+
+Tutorial part: "DDPM sampler" (hkproj ddpm.py: DDPMSampler).
+Original: diffusers' DDPMScheduler with SD 1.5's scheduler config (scaled_linear, steps_offset 1,
+clip_sample False, variance "fixed_small"), which our steps match to float precision.
+Reference: Ho et al. 2020, "Denoising Diffusion Probabilistic Models", eqs. (4), (6), (7), (15).
+"""
+
+import torch
+
+from .schedule import N_TRAINING_STEPS, BETA_END, BETA_START, leading_timesteps, make_alphas_cumprod, make_betas, start_step
+
+
+class DDPMSampler:
+    """Holds the schedule and the timesteps to visit; a step depends only on its arguments and the generator."""
+
+    init_noise_sigma = 1.0  # the starting latents are N(0, I)
+
+    def __init__(self, generator: torch.Generator | None = None, n_training_steps: int = N_TRAINING_STEPS,
+                 beta_start: float = BETA_START, beta_end: float = BETA_END):
+        self.generator = generator
+        self.n_training_steps = n_training_steps
+        self.betas = make_betas(n_training_steps, beta_start, beta_end)
+        self.alphas_cumprod = make_alphas_cumprod(self.betas)
+        self.set_inference_timesteps(50)
+
+    def set_inference_timesteps(self, n_inference_steps: int = 50) -> None:
+        self.n_inference_steps = n_inference_steps
+        self.timesteps = leading_timesteps(n_inference_steps, self.n_training_steps)
+
+    def set_strength(self, strength: float = 1.0) -> None:
+        """Image-to-image: start from a partly noised image, skipping the noisiest steps."""
+        self.timesteps = self.timesteps[start_step(self.n_inference_steps, strength):]
+
+    def _get_previous_timestep(self, timestep: int) -> int:
+        return timestep - self.n_training_steps // self.n_inference_steps
+
+    def _alpha_cumprod(self, timestep: int) -> torch.Tensor:
+        # Before the first training step (t < 0) nothing has been noised: ᾱ = 1.
+        return self.alphas_cumprod[timestep] if timestep >= 0 else torch.tensor(1.0)
+
+    def _get_variance(self, timestep: int) -> torch.Tensor:
+        """β̃_t = (1 - ᾱ_prev) / (1 - ᾱ_t) · β_t, the variance of q(x_prev | x_t, x_0) (eq. 7)."""
+        alpha_prod_t = self._alpha_cumprod(timestep)
+        alpha_prod_prev = self._alpha_cumprod(self._get_previous_timestep(timestep))
+        current_beta_t = 1 - alpha_prod_t / alpha_prod_prev
+        return torch.clamp((1 - alpha_prod_prev) / (1 - alpha_prod_t) * current_beta_t, min=1e-20)
+
+    def predict_original(self, timestep: int, latents: torch.Tensor, model_output: torch.Tensor) -> torch.Tensor:
+        """x̂_0 = (x_t - sqrt(1 - ᾱ_t) ε̂) / sqrt(ᾱ_t): the clean latents the noise prediction implies (eq. 15)."""
+        alpha_prod_t = self._alpha_cumprod(timestep)
+        return (latents - (1 - alpha_prod_t) ** 0.5 * model_output) / alpha_prod_t**0.5
+
+    def step(self, timestep: int, latents: torch.Tensor, model_output: torch.Tensor) -> torch.Tensor:
+        """x_{t_prev} ~ N(μ̃(x_t, x̂_0), β̃_t I): the posterior mean of eq. (7) plus noise (none at t = 0)."""
+        t = int(timestep)
+        prev_t = self._get_previous_timestep(t)
+        alpha_prod_t, alpha_prod_prev = self._alpha_cumprod(t), self._alpha_cumprod(prev_t)
+        beta_prod_t, beta_prod_prev = 1 - alpha_prod_t, 1 - alpha_prod_prev
+        current_alpha_t = alpha_prod_t / alpha_prod_prev
+        current_beta_t = 1 - current_alpha_t
+
+        pred_original = self.predict_original(t, latents, model_output)
+        # μ̃_t = sqrt(ᾱ_prev) β_t / (1 - ᾱ_t) · x̂_0 + sqrt(α_t) (1 - ᾱ_prev) / (1 - ᾱ_t) · x_t
+        mean = (alpha_prod_prev**0.5 * current_beta_t / beta_prod_t) * pred_original \
+            + (current_alpha_t**0.5 * beta_prod_prev / beta_prod_t) * latents
+        if t > 0:
+            noise = torch.randn(model_output.shape, generator=self.generator, dtype=model_output.dtype,
+                                device=self.generator.device if self.generator else model_output.device)
+            mean = mean + self._get_variance(t) ** 0.5 * noise.to(model_output.device)
+        return mean
+
+    def add_noise(self, original_samples: torch.Tensor, timesteps: torch.Tensor | int,
+                  noise: torch.Tensor | None = None) -> torch.Tensor:
+        """x_t = sqrt(ᾱ_t) x_0 + sqrt(1 - ᾱ_t) ε (eq. 4), with ε drawn from the generator unless given.
+        timesteps: one for all samples, or one per sample."""
+        if noise is None:
+            noise = torch.randn(original_samples.shape, generator=self.generator, dtype=original_samples.dtype,
+                                device=self.generator.device if self.generator else original_samples.device)
+        noise = noise.to(original_samples.device)
+        t = torch.as_tensor(timesteps, device=self.alphas_cumprod.device).reshape(-1)
+        alpha_prod = self.alphas_cumprod[t].to(original_samples.device, original_samples.dtype)
+        alpha_prod = alpha_prod.view(-1, *([1] * (original_samples.dim() - 1)))  # (B or 1, 1, 1, 1)
+        return alpha_prod**0.5 * original_samples + (1 - alpha_prod) ** 0.5 * noise

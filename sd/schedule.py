@@ -1,0 +1,41 @@
+"""The noise schedule of SD 1.x as pure functions: betas, cumulative alphas, and which timesteps a sampler visits.
+
+Tutorial part: "DDPM sampler" (hkproj ddpm.py: DDPMSampler.__init__, set_inference_timesteps, set_strength).
+Original: configs/stable-diffusion/v1-inference.yaml (linear_start 0.00085, linear_end 0.0120, timesteps 1000,
+schedule "linear" in ldm, which squares a linspace of square roots: diffusers calls it "scaled_linear").
+Reference: Ho et al. 2020, "Denoising Diffusion Probabilistic Models", eq. (4): q(x_t | x_0) = N(sqrt(ᾱ_t) x_0, (1 - ᾱ_t) I).
+"""
+
+import torch
+
+N_TRAINING_STEPS = 1000  # v1-inference.yaml: timesteps
+BETA_START = 0.00085     # v1-inference.yaml: linear_start
+BETA_END = 0.0120        # v1-inference.yaml: linear_end
+STEPS_OFFSET = 1         # SD 1.5's scheduler_config.json: steps_offset, so the last step is t=1, not t=0
+
+
+def make_betas(n_training_steps: int = N_TRAINING_STEPS, beta_start: float = BETA_START, beta_end: float = BETA_END) -> torch.Tensor:
+    """β_t for t = 0 .. n-1: linear in sqrt(β) from sqrt(beta_start) to sqrt(beta_end), squared. float32 (n,)."""
+    return torch.linspace(beta_start**0.5, beta_end**0.5, n_training_steps, dtype=torch.float32) ** 2
+
+
+def make_alphas_cumprod(betas: torch.Tensor) -> torch.Tensor:
+    """ᾱ_t = prod_{s<=t} (1 - β_s): how much of the clean signal is left at step t."""
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+def leading_timesteps(n_inference_steps: int, n_training_steps: int = N_TRAINING_STEPS, steps_offset: int = STEPS_OFFSET) -> torch.Tensor:
+    """The timesteps to visit, noisiest first, evenly spaced from the start ("leading" spacing, as diffusers
+    uses for SD 1.5): 50 steps -> 981, 961, ..., 21, 1. int64 (n_inference_steps,)."""
+    if not isinstance(n_inference_steps, int) or isinstance(n_inference_steps, bool) or not 0 < n_inference_steps <= n_training_steps:
+        raise ValueError(f"n_inference_steps must be an integer from 1 to {n_training_steps}, got {n_inference_steps!r}")
+    step_ratio = n_training_steps // n_inference_steps
+    return torch.arange(n_inference_steps - 1, -1, -1, dtype=torch.int64) * step_ratio + steps_offset
+
+
+def start_step(n_inference_steps: int, strength: float) -> int:
+    """Image-to-image: how many of the first (noisiest) steps to skip. strength 1 skips none (pure noise);
+    strength 0.5 starts half-way. As diffusers: int(n * strength) steps are run."""
+    if not isinstance(strength, (int, float)) or isinstance(strength, bool) or not 0 < strength <= 1:
+        raise ValueError(f"strength must be a number in (0, 1], got {strength!r}")
+    return n_inference_steps - min(int(n_inference_steps * strength), n_inference_steps)
