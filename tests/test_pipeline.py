@@ -1,0 +1,230 @@
+"""generate() end to end on tiny random checkpoints: same images as diffusers' pipelines for the same seed,
+inpainting keeps what lies outside the mask, seeds reproduce, and bad input is refused before any model runs."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from reference import diffusers_unet, diffusers_vae, random_models, tiny_configs, transformers_clip
+from sd.model_converter import to_standard_weights
+from sd.pipeline import generate, to_uint8
+from sd.tokenizer import load_tokenizer
+from test_ddpm import SD15_SCHEDULER
+
+STEPS = 6
+H, W = 16, 24  # non-square; the tiny VAE halves once, so latents are 8 x 12
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    configs = tiny_configs()
+    models = random_models(configs, seed=21)
+    return models, to_standard_weights(models), configs
+
+
+@pytest.fixture(scope="module")
+def reference(tiny):
+    """diffusers' pipelines over the same weights, with our tokenizer files (so the same token ids)."""
+    from diffusers import DDPMScheduler, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+
+    _, checkpoint, configs = tiny
+    parts = dict(
+        vae=diffusers_vae(configs["vae"], checkpoint),
+        text_encoder=transformers_clip(configs["clip"], checkpoint),
+        tokenizer=load_tokenizer(),
+        unet=diffusers_unet(configs["diffusion"], checkpoint),
+        scheduler=DDPMScheduler.from_config(SD15_SCHEDULER),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    txt2img = StableDiffusionPipeline(**parts)
+    img2img = StableDiffusionImg2ImgPipeline(**parts)
+    for pipe in (txt2img, img2img):
+        pipe.set_progress_bar_config(disable=True)
+    return txt2img, img2img
+
+
+def photo(seed: int = 0, size=(W, H)) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def pixels(images) -> np.ndarray:
+    return np.stack([np.asarray(im, dtype=np.int16) for im in images])
+
+
+def diffusers_pixels(result) -> np.ndarray:
+    return (result.images * 255).round().astype(np.int16)
+
+
+PROMPTS = ["a red circle on a blue background", "a photo of a cat"]
+
+
+@pytest.mark.parametrize("cfg", [True, False], ids=["cfg", "no-cfg"])
+def test_txt2img_matches_diffusers(tiny, reference, cfg):
+    models, _, _ = tiny
+    ours = generate(PROMPTS, models=models, seed=42, n_inference_steps=STEPS, height=H, width=W,
+                    do_cfg=cfg, cfg_scale=7.5, negative_prompt="blurry", progress=False)
+    theirs = reference[0](PROMPTS, negative_prompt=["blurry"] * 2, height=H, width=W, num_inference_steps=STEPS,
+                          guidance_scale=7.5 if cfg else 1.0, generator=torch.Generator().manual_seed(42), output_type="np")
+    assert len(ours) == 2 and ours[0].size == (W, H) and ours[0].mode == "RGB"
+    assert np.abs(pixels(ours) - diffusers_pixels(theirs)).max() <= 1
+
+
+@pytest.mark.filterwarnings("ignore:You have passed 2 text prompts")  # one start image for every prompt, as ours
+@pytest.mark.parametrize("cfg", [True, False], ids=["cfg", "no-cfg"])
+def test_img2img_matches_diffusers(tiny, reference, cfg):
+    models, _, _ = tiny
+    start = photo(1)
+    ours = generate(PROMPTS, models=models, input_image=start, strength=0.6, seed=7, n_inference_steps=STEPS,
+                    height=H, width=W, do_cfg=cfg, progress=False)
+    theirs = reference[1](PROMPTS, image=start, strength=0.6, num_inference_steps=STEPS,
+                          guidance_scale=7.5 if cfg else 1.0, generator=torch.Generator().manual_seed(7), output_type="np")
+    assert np.abs(pixels(ours) - diffusers_pixels(theirs)).max() <= 1
+
+
+def test_num_images_per_prompt_matches_diffusers(tiny, reference):
+    models, _, _ = tiny
+    ours = generate("a cat", models=models, num_images=2, seed=3, n_inference_steps=3, height=H, width=W, progress=False)
+    theirs = reference[0]("a cat", num_images_per_prompt=2, height=H, width=W, num_inference_steps=3,
+                          generator=torch.Generator().manual_seed(3), output_type="np")
+    assert np.abs(pixels(ours) - diffusers_pixels(theirs)).max() <= 1
+    assert not np.array_equal(pixels(ours)[0], pixels(ours)[1])
+
+
+def test_seeds_reproduce_and_differ(tiny):
+    models, _, _ = tiny
+    run = lambda **kw: pixels(generate("a cat", models=models, n_inference_steps=3, height=H, width=W, progress=False, **kw))
+    assert np.array_equal(run(seed=5), run(seed=5))
+    assert np.array_equal(run(seed=5), run(generator=torch.Generator().manual_seed(5)))
+    assert not np.array_equal(run(seed=5), run(seed=6))
+
+
+def half_mask(size=(W, H)) -> Image.Image:
+    """White (repaint) on the right half."""
+    mask = np.zeros((size[1], size[0]), dtype=np.uint8)
+    mask[:, size[0] // 2:] = 255
+    return Image.fromarray(mask)
+
+
+def test_inpainting_keeps_the_unmasked_region(tiny):
+    """Outside the mask the final latents are exactly the input image's latents (each step blends them back in,
+    noised to the next step's level; after the last step, not noised); inside, the sampler's. With paste-back
+    the unmasked pixels are exactly the input's. (A random tiny VAE is no autoencoder, so pixels outside the
+    mask are compared after paste-back only.)"""
+    models, _, _ = tiny
+    start = photo(2)
+    original = pixels([start])[0]
+    last = []
+    common = dict(models=models, input_image=start, mask_image=half_mask(), strength=1.0, seed=11,
+                  n_inference_steps=STEPS, height=H, width=W, progress=False)
+    out = pixels(generate("a green triangle", callback=lambda i, t, x: last.append(x.clone()), **common))[0]
+
+    with torch.no_grad():  # the pipeline's first random draw is the VAE's sample of the input image
+        image = torch.from_numpy(original).permute(2, 0, 1)[None].float() / 255 * 2 - 1
+        noise = torch.randn(1, 4, H // 2, W // 2, generator=torch.Generator().manual_seed(11))
+        image_latents = models["encoder"](image, noise)
+    final = last[-1]
+    assert torch.equal(final[..., : W // 4], image_latents[..., : W // 4])   # latent columns left of the mask
+    assert (final[..., W // 4:] - image_latents[..., W // 4:]).abs().mean() > 0.1  # repainted
+    assert np.abs(out[:, W // 2:] - original[:, W // 2:]).mean() > 20
+
+    pasted = pixels(generate("a green triangle", paste_back=True, **common))[0]
+    assert np.array_equal(pasted[:, : W // 2], original[:, : W // 2])
+    assert np.array_equal(pasted[:, W // 2:], out[:, W // 2:])
+
+
+def test_inpainting_unet_gets_mask_and_masked_image(tmp_path):
+    configs = tiny_configs(in_channels=9)
+    models = random_models(configs, seed=4)
+    seen = []
+    models["diffusion"].register_forward_pre_hook(lambda m, args: seen.append(args[0].shape))
+    images = generate("a cat", models=models, input_image=photo(3), mask_image=half_mask(), seed=1, strength=1.0,
+                      n_inference_steps=2, height=H, width=W, progress=False)
+    assert len(images) == 1 and seen == [(2, 9, H // 2, W // 2)] * 2
+    with pytest.raises(ValueError, match="inpainting model"):
+        generate("a cat", models=models, n_inference_steps=2, height=H, width=W)
+
+
+def test_callback_sees_every_step_and_inputs_stay_unchanged(tiny):
+    models, _, _ = tiny
+    start = photo(4)
+    before = start.tobytes()
+    prompts = ["a", "b"]
+    calls = []
+    generate(prompts, models=models, input_image=start, strength=0.5, seed=0, n_inference_steps=10, height=H, width=W,
+             progress=False, callback=lambda i, t, x: calls.append((i, t, tuple(x.shape))))
+    assert [c[0] for c in calls] == list(range(5)) and calls[0][1] == 401 and calls[-1][1] == 1
+    assert calls[0][2] == (2, 4, H // 2, W // 2)
+    assert start.tobytes() == before and prompts == ["a", "b"]
+
+
+def test_long_prompts_are_truncated_with_a_warning(tiny):
+    models, _, _ = tiny
+    with pytest.warns(UserWarning, match="truncated"):
+        generate("a cat " * 60, models=models, seed=0, n_inference_steps=1, height=H, width=W, progress=False)
+
+
+def test_to_uint8_rounds():
+    x = torch.tensor([-1.0, 1.0, 0.0, 2 * (100.6 / 255) - 1, 5.0]).view(1, 1, 1, 5).expand(1, 3, 1, 5)
+    assert to_uint8(x)[0, 0, :, 0].tolist() == [0, 255, 128, 101, 255]
+
+
+# --- bad input: refused before any model runs ------------------------------------------------------------
+
+
+class Untouchable(torch.nn.Module):
+    """A model that fails the test if called."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.config = model.config
+        self.inner = model
+
+    def forward(self, *args, **kwargs):
+        raise AssertionError("a model ran before the input was checked")
+
+
+@pytest.fixture(scope="module")
+def untouchable(tiny):
+    models, _, _ = tiny
+    return {name: Untouchable(m) for name, m in models.items()}
+
+
+@pytest.mark.parametrize("kwargs,error,message", [
+    (dict(height=21), ValueError, "height must be a positive multiple of 2, got 21"),
+    (dict(width=0), ValueError, "width must be a positive multiple"),
+    (dict(width=15), ValueError, "width must be a positive multiple"),
+    (dict(input_image=photo(), strength=0), ValueError, r"strength must be a number in \(0, 1\]"),
+    (dict(input_image=photo(), strength=1.5), ValueError, "strength"),
+    (dict(input_image=np.zeros((16, 24, 3))), TypeError, "input_image must be a PIL.Image.Image"),
+    (dict(mask_image=half_mask()), ValueError, "mask_image needs an input_image"),
+    (dict(input_image=photo(), mask_image=half_mask((8, 8))), ValueError, "must be the same size"),
+    (dict(n_inference_steps=0), ValueError, "n_inference_steps"),
+    (dict(n_inference_steps=-3), ValueError, "n_inference_steps"),
+    (dict(sampler_name="euler_magic"), ValueError, "unknown sampler 'euler_magic'; known: ddpm"),
+    (dict(prompt=42), TypeError, "prompt must be a string or a non-empty list of strings"),
+    (dict(prompt=[]), TypeError, "prompt must be"),
+    (dict(prompt=["ok", None]), TypeError, "prompt must be"),
+    (dict(negative_prompt=["x", "y", "z"]), ValueError, "negative_prompt has 3 entries for 1 prompts"),
+    (dict(num_images=0), ValueError, "num_images"),
+    (dict(seed=1.5), ValueError, "seed must be an integer"),
+    (dict(seed=1, generator=torch.Generator()), ValueError, "seed or generator"),
+    (dict(paste_back=True), ValueError, "paste_back needs a mask_image"),
+])
+def test_bad_input_is_refused_before_any_model_runs(untouchable, kwargs, error, message):
+    args = dict(prompt="a cat", models=untouchable, height=H, width=W, progress=False)
+    args.update(kwargs)
+    with pytest.raises(error, match=message):
+        generate(**args)
+
+
+@pytest.mark.parametrize("drop", ["clip", "diffusion", "decoder"])
+def test_models_missing_a_model(untouchable, drop):
+    models = {k: v for k, v in untouchable.items() if k != drop}
+    with pytest.raises(ValueError, match=f"models is missing \\['{drop}'\\]"):
+        generate("a cat", models=models, height=H, width=W)
+    with pytest.raises(ValueError, match="models is required"):
+        generate("a cat")
