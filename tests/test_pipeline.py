@@ -228,3 +228,25 @@ def test_models_missing_a_model(untouchable, drop):
         generate("a cat", models=models, height=H, width=W)
     with pytest.raises(ValueError, match="models is required"):
         generate("a cat")
+
+
+def test_idle_device_receives_each_model_after_use(tiny, monkeypatch):
+    """As the tutorial: each model goes to `device` when needed and back to `idle_device` when done."""
+    models, _, _ = tiny
+    names = {id(m): name for name, m in models.items()}
+    moves = []
+    original_to = torch.nn.Module.to
+
+    def recording_to(self, *args, **kwargs):
+        if id(self) in names:
+            moves.append((names[id(self)], str(args[0]) if args else str(kwargs)))
+        return original_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "to", recording_to)
+    generate("a cat", models=models, input_image=photo(5), seed=0, n_inference_steps=2, height=H, width=W,
+             device="cpu", idle_device="cpu", progress=False)
+    assert moves == [("clip", "cpu"), ("clip", "cpu"), ("encoder", "cpu"), ("encoder", "cpu"),
+                     ("diffusion", "cpu"), ("diffusion", "cpu"), ("decoder", "cpu"), ("decoder", "cpu")]
+    moves.clear()
+    generate("a cat", models=models, seed=0, n_inference_steps=1, height=H, width=W, progress=False)
+    assert [m[0] for m in moves] == ["clip", "diffusion", "decoder"]  # to the device only: no idle_device given
