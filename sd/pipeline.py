@@ -131,9 +131,8 @@ def generate(
         _check(mask_image.size == input_image.size,
                f"mask_image is {mask_image.size[0]}x{mask_image.size[1]} but input_image is "
                f"{input_image.size[0]}x{input_image.size[1]}; they must be the same size")
-    if input_image is not None:
-        _check(isinstance(strength, (int, float)) and not isinstance(strength, bool) and 0 < strength <= 1,
-               f"strength must be a number in (0, 1], got {strength!r}")
+    _check(isinstance(strength, (int, float)) and not isinstance(strength, bool) and 0 < strength <= 1,
+           f"strength must be a number in (0, 1], got {strength!r}")
     inpainting_unet = models["diffusion"].config.in_channels == 2 * models["diffusion"].config.out_channels + 1
     _check(not inpainting_unet or mask_image is not None,
            "this checkpoint's UNet is an inpainting model (9 input channels): give input_image and mask_image")

@@ -94,6 +94,17 @@ def test_num_images_per_prompt_matches_diffusers(tiny, reference):
     assert not np.array_equal(pixels(ours)[0], pixels(ours)[1])
 
 
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "CMYK"])
+def test_any_image_mode_and_size_is_accepted(tiny, mode):
+    """The start image is converted to RGB and resized to the requested size (Lanczos)."""
+    models, _, _ = tiny
+    start = photo(6, size=(37, 23)).convert(mode)
+    images = generate("a cat", models=models, input_image=start, mask_image=half_mask((37, 23)), seed=0,
+                      n_inference_steps=2, height=H, width=W, progress=False, paste_back=True)
+    expected = np.asarray(start.convert("RGB").resize((W, H), resample=Image.LANCZOS))
+    assert images[0].size == (W, H) and np.array_equal(pixels(images)[0][:, :W // 2], expected[:, :W // 2])
+
+
 def test_seeds_reproduce_and_differ(tiny):
     models, _, _ = tiny
     run = lambda **kw: pixels(generate("a cat", models=models, n_inference_steps=3, height=H, width=W, progress=False, **kw))
@@ -199,6 +210,7 @@ def untouchable(tiny):
     (dict(width=15), ValueError, "width must be a positive multiple"),
     (dict(input_image=photo(), strength=0), ValueError, r"strength must be a number in \(0, 1\]"),
     (dict(input_image=photo(), strength=1.5), ValueError, "strength"),
+    (dict(strength=-1), ValueError, "strength"),
     (dict(input_image=np.zeros((16, 24, 3))), TypeError, "input_image must be a PIL.Image.Image"),
     (dict(mask_image=half_mask()), ValueError, "mask_image needs an input_image"),
     (dict(input_image=photo(), mask_image=half_mask((8, 8))), ValueError, "must be the same size"),
