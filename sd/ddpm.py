@@ -8,11 +8,17 @@ Reference: Ho et al. 2020, "Denoising Diffusion Probabilistic Models", eqs. (4),
 
 import torch
 
+from .samplers import NoiseModel, randn_like
 from .schedule import N_TRAINING_STEPS, BETA_END, BETA_START, leading_timesteps, make_alphas_cumprod, make_betas, start_step
 
 
 class DDPMSampler:
-    """Holds the schedule and the timesteps to visit; a step depends only on its arguments and the generator."""
+    """Holds the schedule and the timesteps to visit; a step depends only on its arguments and the generator.
+
+    step(i, latents, model) runs step i (timestep self.timesteps[i]); `model(x_t, t)` predicts the noise.
+    (The tutorial's step takes the timestep and the model's output; here the sampler calls the model itself,
+    so that all samplers, Heun's two evaluations per step included, share one interface.)
+    """
 
     init_noise_sigma = 1.0  # the starting latents are N(0, I)
 
@@ -51,9 +57,10 @@ class DDPMSampler:
         alpha_prod_t = self._alpha_cumprod(timestep)
         return (latents - (1 - alpha_prod_t) ** 0.5 * model_output) / alpha_prod_t**0.5
 
-    def step(self, timestep: int, latents: torch.Tensor, model_output: torch.Tensor) -> torch.Tensor:
+    def step(self, i: int, latents: torch.Tensor, model: NoiseModel) -> torch.Tensor:
         """x_{t_prev} ~ N(μ̃(x_t, x̂_0), β̃_t I): the posterior mean of eq. (7) plus noise (none at t = 0)."""
-        t = int(timestep)
+        t = int(self.timesteps[i])
+        model_output = model(latents, t)
         prev_t = self._get_previous_timestep(t)
         alpha_prod_t, alpha_prod_prev = self._alpha_cumprod(t), self._alpha_cumprod(prev_t)
         beta_prod_t, beta_prod_prev = 1 - alpha_prod_t, 1 - alpha_prod_prev
@@ -65,9 +72,7 @@ class DDPMSampler:
         mean = (alpha_prod_prev**0.5 * current_beta_t / beta_prod_t) * pred_original \
             + (current_alpha_t**0.5 * beta_prod_prev / beta_prod_t) * latents
         if t > 0:
-            noise = torch.randn(model_output.shape, generator=self.generator, dtype=model_output.dtype,
-                                device=self.generator.device if self.generator else model_output.device)
-            mean = mean + self._get_variance(t) ** 0.5 * noise.to(model_output.device)
+            mean = mean + self._get_variance(t) ** 0.5 * randn_like(model_output, self.generator)
         return mean
 
     def add_noise(self, original_samples: torch.Tensor, timesteps: torch.Tensor | int,
@@ -75,8 +80,7 @@ class DDPMSampler:
         """x_t = sqrt(ᾱ_t) x_0 + sqrt(1 - ᾱ_t) ε (eq. 4), with ε drawn from the generator unless given.
         timesteps: one for all samples, or one per sample."""
         if noise is None:
-            noise = torch.randn(original_samples.shape, generator=self.generator, dtype=original_samples.dtype,
-                                device=self.generator.device if self.generator else original_samples.device)
+            noise = randn_like(original_samples, self.generator)
         noise = noise.to(original_samples.device)
         t = torch.as_tensor(timesteps, device=self.alphas_cumprod.device).reshape(-1)
         alpha_prod = self.alphas_cumprod[t].to(original_samples.device, original_samples.dtype)

@@ -14,10 +14,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .ddpm import DDPMSampler
-from .schedule import leading_timesteps
+from .samplers import SAMPLERS, make_sampler
 
-SAMPLERS = {"ddpm": DDPMSampler}
 WIDTH, HEIGHT = 512, 512  # SD 1.5 was trained at 512x512
 
 
@@ -85,6 +83,7 @@ def generate(
     generator: torch.Generator | None = None,
     callback: Callable[[int, int, torch.Tensor], None] | None = None,
     paste_back: bool = False,
+    eta: float | None = None,
     progress: bool = True,
 ) -> list[Image.Image]:
     """Make images from text (and optionally an image to start from and a mask of what to repaint).
@@ -96,6 +95,8 @@ def generate(
     mask_image (with input_image, same size): white = repaint. With a standard checkpoint, the area outside the
     mask is kept by blending at every step; a 9-channel inpainting UNet gets the mask as input. paste_back
     copies the unmasked pixels of the input into the result at the end.
+    sampler_name: one of sd.samplers.SAMPLERS (ddpm, ddim, euler, euler_a, heun, lms, dpmpp_2m, and the
+    _karras variants); eta: DDIM's noise amount (0 deterministic, 1 DDPM-like), for ddim only.
     seed or generator: reproducibility; the same seed gives the same image as diffusers on CPU.
     callback(step_index, timestep, latents) after each step. Returns PIL images.
     """
@@ -119,7 +120,7 @@ def generate(
         _check(_is_int(size) and size > 0 and size % downscale == 0,
                f"{name} must be a positive multiple of {downscale}, got {size!r}")
     _check(sampler_name in SAMPLERS, f"unknown sampler {sampler_name!r}; known: {', '.join(SAMPLERS)}")
-    leading_timesteps(n_inference_steps)  # raises a clear error for a bad step count
+    _check(eta is None or sampler_name == "ddim", f"eta is an option of the ddim sampler, not of {sampler_name!r}")
     _check(_is_int(num_images) and num_images > 0, f"num_images must be a positive integer, got {num_images!r}")
     _check(isinstance(cfg_scale, (int, float)) and not isinstance(cfg_scale, bool), f"cfg_scale must be a number, got {cfg_scale!r}")
     if input_image is not None and not isinstance(input_image, Image.Image):
@@ -145,12 +146,6 @@ def generate(
     if callback is not None and not callable(callback):
         raise TypeError("callback must be callable as callback(step_index, timestep, latents)")
 
-    # --- set up ------------------------------------------------------------------------------------------------
-    from .tokenizer import tokenize
-
-    diffusion = models["diffusion"]
-    device = torch.device(device) if device is not None else next(diffusion.parameters()).device
-    dtype = next(diffusion.parameters()).dtype
     if generator is None:
         # A CPU generator: the same seed gives the same noise whatever device the models run on.
         generator = torch.Generator()
@@ -158,6 +153,15 @@ def generate(
             generator.manual_seed(seed)
         else:
             generator.seed()
+    # Cheap, and checks the step count and options: still before any model runs.
+    sampler = make_sampler(sampler_name, generator, n_inference_steps, **({} if eta is None else {"eta": eta}))
+
+    # --- set up ------------------------------------------------------------------------------------------------
+    from .tokenizer import tokenize
+
+    diffusion = models["diffusion"]
+    device = torch.device(device) if device is not None else next(diffusion.parameters()).device
+    dtype = next(diffusion.parameters()).dtype
 
     def to_device(model):
         return model.to(device)
@@ -179,9 +183,6 @@ def generate(
         tokens = tokenize(batch_negatives + batch if do_cfg else batch, tokenizer).to(device)
         context = clip(tokens).to(dtype)  # (2B or B, 77, d_context)
         to_idle(clip)
-
-        sampler = SAMPLERS[sampler_name](generator)
-        sampler.set_inference_timesteps(n_inference_steps)
 
         image_latents = mask = masked_image_latents = None
         if input_image is not None:
@@ -211,17 +212,22 @@ def generate(
             to_idle(encoder)
 
         diffusion = to_device(diffusion)
-        timesteps = sampler.timesteps.tolist()
-        for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="sampling")):
-            model_input = torch.cat([latents] * 2) if do_cfg else latents
+
+        def noise_model(x: torch.Tensor, t) -> torch.Tensor:
+            """ε̂ for the sampler: the UNet with the prompts' context and classifier-free guidance."""
+            model_input = torch.cat([x] * 2) if do_cfg else x
             if inpainting_unet:
-                extra = torch.cat([mask, masked_image_latents], dim=1)  # (B, 5, h, w)
+                extra = torch.cat([mask, masked_image_latents], dim=1)  # (B, 5, h, w): mask, masked-image latents
                 model_input = torch.cat([model_input, torch.cat([extra] * 2) if do_cfg else extra], dim=1)
-            model_output = diffusion(model_input, context, t)
+            output = diffusion(model_input, context, t)
             if do_cfg:
-                output_uncond, output_cond = model_output.chunk(2)
-                model_output = output_uncond + cfg_scale * (output_cond - output_uncond)
-            latents = sampler.step(t, latents, model_output)
+                output_uncond, output_cond = output.chunk(2)
+                output = output_uncond + cfg_scale * (output_cond - output_uncond)  # Ho & Salimans eq. (6)
+            return output
+
+        timesteps = sampler.timesteps.tolist()
+        for i, t in enumerate(tqdm(timesteps, disable=not progress, desc=sampler_name)):
+            latents = sampler.step(i, latents, noise_model)
             if mask is not None and not inpainting_unet:
                 # Keep what lies outside the mask: the original latents, noised to the level of the next step.
                 known = image_latents

@@ -39,3 +39,45 @@ def start_step(n_inference_steps: int, strength: float) -> int:
     if not isinstance(strength, (int, float)) or isinstance(strength, bool) or not 0 < strength <= 1:
         raise ValueError(f"strength must be a number in (0, 1], got {strength!r}")
     return n_inference_steps - min(int(n_inference_steps * strength), n_inference_steps)
+
+
+# --- sigma space (Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based Generative Models") ---
+# The same process written as x = x_0 + σ ε with σ_t = sqrt((1 - ᾱ_t) / ᾱ_t); x_σ = x_t / sqrt(ᾱ_t).
+
+
+def sigmas_from_alphas_cumprod(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """σ_t = sqrt((1 - ᾱ_t) / ᾱ_t) for every training step: 0.029 at t=0 up to 14.6 at t=999."""
+    return ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> torch.Tensor:
+    """n noise levels from sigma_max down to sigma_min, spaced evenly in σ^(1/ρ) (Karras et al. eq. 5): more of the
+    steps go to low noise, where detail is made. float64 (n,)."""
+    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
+    return (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+
+
+def sigma_to_timestep(sigma: torch.Tensor, all_sigmas: torch.Tensor) -> torch.Tensor:
+    """The (fractional) training timestep of each σ, interpolating linearly in log σ between the two training
+    steps around it, so the UNet can be told where a Karras σ lies. (n,) -> (n,) float64."""
+    log_sigmas = all_sigmas.double().log()                  # increasing in t
+    log_sigma = sigma.double().clamp(min=1e-10).log()
+    low = (torch.searchsorted(log_sigmas, log_sigma, right=True) - 1).clamp(0, len(log_sigmas) - 2)
+    w = ((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[low + 1])).clamp(0, 1)
+    return low + w
+
+
+def linspace_timesteps(n_inference_steps: int, n_training_steps: int = N_TRAINING_STEPS) -> torch.Tensor:
+    """Timesteps spread evenly over [0, n_training_steps - 1], noisiest first, fractional ("linspace" spacing:
+    what diffusers' sigma-space schedulers use with SD 1.5's config). float64 (n_inference_steps,)."""
+    leading_timesteps(n_inference_steps, n_training_steps)  # the same checks of the step count
+    return torch.linspace(0, n_training_steps - 1, n_inference_steps, dtype=torch.float64).flip(0)
+
+
+def interpolate_sigmas(timesteps: torch.Tensor, all_sigmas: torch.Tensor) -> torch.Tensor:
+    """σ at (fractional) timesteps, linear between the training steps around each. float64."""
+    t = timesteps.double()
+    low = t.floor().long().clamp(0, len(all_sigmas) - 2)
+    w = t - low
+    s = all_sigmas.double()
+    return (1 - w) * s[low] + w * s[low + 1]

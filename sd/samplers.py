@@ -1,0 +1,103 @@
+"""What every sampler offers the pipeline's loop, the sigma-space base the k-diffusion samplers share, and the registry.
+
+Tutorial part: "DDPM sampler" generalised (the tutorial has DDPM only). A sampler's step gets its index i and
+the model as a function model(x_in, t) -> predicted noise; it scales the model input and chooses the timestep
+itself, and may call the model more than once (Heun). Classifier-free guidance, image-to-image strength and
+inpainting blending stay in the pipeline, so every sampler works with every mode.
+References: Karras et al. 2022 (EDM, sigma space); Crowson, k-diffusion `sampling.py` (the samplers' form).
+"""
+
+import importlib
+from collections.abc import Callable
+
+import torch
+
+from .schedule import (
+    N_TRAINING_STEPS, BETA_END, BETA_START, interpolate_sigmas, karras_sigmas, linspace_timesteps, make_alphas_cumprod,
+    make_betas, sigma_to_timestep, sigmas_from_alphas_cumprod, start_step,
+)
+
+# model(x_in, t) -> ε̂: the UNet with the prompt's context and guidance applied, as the pipeline builds it.
+NoiseModel = Callable[[torch.Tensor, torch.Tensor | int | float], torch.Tensor]
+
+# name -> (module, class, options). Every sampler is built as cls(generator, **options).
+SAMPLERS: dict[str, tuple[str, str, dict]] = {
+    "ddpm": ("sd.ddpm", "DDPMSampler", {}),
+    "ddim": ("sd.ddim", "DDIMSampler", {}),
+    "euler": ("sd.euler", "EulerSampler", {}),
+    "euler_karras": ("sd.euler", "EulerSampler", {"karras": True}),
+    "euler_a": ("sd.euler", "EulerAncestralSampler", {}),
+    "heun": ("sd.heun", "HeunSampler", {}),
+    "lms": ("sd.lms", "LMSSampler", {}),
+    "dpmpp_2m": ("sd.dpm_solver", "DPMSolverPP2MSampler", {}),
+    "dpmpp_2m_karras": ("sd.dpm_solver", "DPMSolverPP2MSampler", {"karras": True}),
+}
+
+
+def make_sampler(name: str, generator: torch.Generator | None = None, n_inference_steps: int = 50, **options):
+    """A fresh sampler by name (see SAMPLERS), with its timesteps set."""
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; known: {', '.join(SAMPLERS)}")
+    module, cls, defaults = SAMPLERS[name]
+    sampler = getattr(importlib.import_module(module), cls)(generator, **{**defaults, **options})
+    sampler.set_inference_timesteps(n_inference_steps)
+    return sampler
+
+
+def randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """N(0, I) noise of x's shape and dtype, drawn on the generator's device (so a CPU seed gives the same
+    numbers whatever device x is on), then moved to x's device."""
+    device = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=device).to(x.device)
+
+
+class SigmaSampler:
+    """Base of the samplers written in sigma space (k-diffusion's form): x = x_0 + σ ε.
+
+    sigmas: the noise level at the start of each step, then the final 0; timesteps: the UNet timestep of each σ.
+    The UNet was trained on x_t = sqrt(ᾱ) x_0 + sqrt(1 - ᾱ) ε = x_σ / sqrt(σ² + 1), so its input is scaled so.
+    """
+
+    def __init__(self, generator: torch.Generator | None = None, karras: bool = False,
+                 n_training_steps: int = N_TRAINING_STEPS, beta_start: float = BETA_START, beta_end: float = BETA_END):
+        self.generator = generator
+        self.karras = karras
+        self.n_training_steps = n_training_steps
+        self.all_sigmas = sigmas_from_alphas_cumprod(make_alphas_cumprod(make_betas(n_training_steps, beta_start, beta_end)))
+
+    def set_inference_timesteps(self, n_inference_steps: int = 50) -> None:
+        self.n_inference_steps = n_inference_steps
+        timesteps = linspace_timesteps(n_inference_steps, self.n_training_steps)
+        sigmas = interpolate_sigmas(timesteps, self.all_sigmas)
+        if self.karras:
+            sigmas = karras_sigmas(sigmas[-1].item(), sigmas[0].item(), n_inference_steps)
+            timesteps = sigma_to_timestep(sigmas, self.all_sigmas)
+        self.timesteps = timesteps.float()
+        self.sigmas = torch.cat([sigmas, sigmas.new_zeros(1)]).float()  # (n + 1,): ends at σ = 0, the clean image
+
+    def set_strength(self, strength: float = 1.0) -> None:
+        """Image-to-image: skip the noisiest steps."""
+        start = start_step(self.n_inference_steps, strength)
+        self.timesteps, self.sigmas = self.timesteps[start:], self.sigmas[start:]
+
+    @property
+    def init_noise_sigma(self) -> float:
+        """Pure noise at the first level: N(0, σ_max² I) (diffusers' convention for "linspace" spacing)."""
+        return self.sigmas.max().item()
+
+    def add_noise(self, original_samples: torch.Tensor, timesteps: torch.Tensor | float,
+                  noise: torch.Tensor | None = None) -> torch.Tensor:
+        """x = x_0 + σ ε, σ the level of the given timestep(s) of this schedule."""
+        if noise is None:
+            noise = randn_like(original_samples, self.generator)
+        index = [(self.timesteps == t).nonzero()[0, 0].item() for t in torch.as_tensor(timesteps).reshape(-1).tolist()]
+        sigma = self.sigmas[index].to(original_samples.device, original_samples.dtype)
+        return original_samples + sigma.view(-1, *([1] * (original_samples.dim() - 1))) * noise.to(original_samples.device)
+
+    def denoise(self, model: NoiseModel, x: torch.Tensor, sigma: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """D(x; σ) = x - σ ε̂(x / sqrt(σ² + 1), t): the clean sample the model predicts (Karras et al. eq. 2)."""
+        eps = model(x / (sigma**2 + 1) ** 0.5, t)
+        return x - sigma * eps
+
+    def step(self, i: int, x: torch.Tensor, model: NoiseModel) -> torch.Tensor:
+        raise NotImplementedError
