@@ -11,6 +11,7 @@ from sd.model_converter import to_standard_weights
 from sd.pipeline import generate, to_uint8
 from sd.tokenizer import load_tokenizer
 from test_ddpm import SD15_SCHEDULER
+from test_samplers import DIFFUSERS, diffusers_scheduler
 
 STEPS = 6
 H, W = 16, 24  # non-square; the tiny VAE halves once, so latents are 8 x 12
@@ -83,6 +84,27 @@ def test_img2img_matches_diffusers(tiny, reference, cfg):
     theirs = reference[1](PROMPTS, image=start, strength=0.6, num_inference_steps=STEPS,
                           guidance_scale=7.5 if cfg else 1.0, generator=torch.Generator().manual_seed(7), output_type="np")
     assert np.abs(pixels(ours) - diffusers_pixels(theirs)).max() <= 1
+
+
+@pytest.mark.filterwarnings("ignore:You have passed 2 text prompts")
+@pytest.mark.parametrize("sampler", list(DIFFUSERS))
+def test_every_sampler_matches_diffusers_end_to_end(tiny, reference, sampler):
+    """Text-to-image (CFG, two prompts) and image-to-image for each sampler against diffusers' pipelines with the
+    matching scheduler: same seed, images within 1/255. Ancestral samplers draw their noise in diffusers' order."""
+    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+
+    models, _, _ = tiny
+    txt2img, img2img = reference
+    for cls, base in ((StableDiffusionPipeline, txt2img), (StableDiffusionImg2ImgPipeline, img2img)):
+        pipe = cls(**{**base.components, "scheduler": diffusers_scheduler(sampler, STEPS)})
+        pipe.set_progress_bar_config(disable=True)
+        image = {} if cls is StableDiffusionPipeline else {"image": photo(8), "strength": 0.7}
+        ours = generate(PROMPTS, models=models, seed=13, n_inference_steps=STEPS, height=H, width=W, progress=False,
+                        sampler_name=sampler, **({"input_image": image["image"], "strength": 0.7} if image else {}))
+        size = {"height": H, "width": W} if not image else {}
+        theirs = pipe(PROMPTS, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(13), output_type="np",
+                      **size, **image)
+        assert np.abs(pixels(ours) - diffusers_pixels(theirs)).max() <= 1, (sampler, cls.__name__)
 
 
 def test_num_images_per_prompt_matches_diffusers(tiny, reference):
