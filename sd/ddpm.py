@@ -75,6 +75,12 @@ class DDPMSampler:
             mean = mean + self._get_variance(t) ** 0.5 * randn_like(model_output, self.generator)
         return mean
 
+    def noise_to_step(self, original_samples: torch.Tensor, i: int, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """x_0 noised to the level where step i starts (i = len(timesteps): the clean sample itself)."""
+        if i == len(self.timesteps):
+            return original_samples
+        return self.add_noise(original_samples, self.timesteps[i], noise)
+
     def add_noise(self, original_samples: torch.Tensor, timesteps: torch.Tensor | int,
                   noise: torch.Tensor | None = None) -> torch.Tensor:
         """x_t = sqrt(ᾱ_t) x_0 + sqrt(1 - ᾱ_t) ε (eq. 4), with ε drawn from the generator unless given.

@@ -41,12 +41,10 @@ class DPMSolverPP2MSampler(SigmaSampler):
     def init_noise_sigma(self) -> float:
         return 1.0  # pure noise in the VP form: x_σ / sqrt(σ_max² + 1) ≈ N(0, I)
 
-    def add_noise(self, original_samples: torch.Tensor, timesteps: torch.Tensor | float,
-                  noise: torch.Tensor | None = None) -> torch.Tensor:
+    def noised(self, original_samples: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """(x_0 + σ ε) / sqrt(σ² + 1) = sqrt(ᾱ) x_0 + sqrt(1 - ᾱ) ε: the base's x_σ in this sampler's VP form."""
-        x_sigma = super().add_noise(original_samples, timesteps, noise)  # x_0 + σ ε, noise drawn there if None
-        index = [(self.timesteps == t).nonzero()[0, 0].item() for t in torch.as_tensor(timesteps).reshape(-1).tolist()]
-        sigma = self.sigmas[index].to(x_sigma.device, x_sigma.dtype).view(-1, *([1] * (x_sigma.dim() - 1)))
+        x_sigma = super().noised(original_samples, sigma, noise)
+        sigma = sigma.to(x_sigma.device, x_sigma.dtype).view(-1, *([1] * (x_sigma.dim() - 1)))
         return x_sigma / (sigma**2 + 1) ** 0.5
 
     def step(self, i: int, x: torch.Tensor, model: NoiseModel) -> torch.Tensor:

@@ -201,7 +201,7 @@ def generate(
         if image_latents is None or (mask_image is not None and strength == 1):
             latents = noise * sampler.init_noise_sigma
         else:
-            latents = sampler.add_noise(image_latents, sampler.timesteps[0], noise)
+            latents = sampler.noise_to_step(image_latents, 0, noise)
         if mask_image is not None:
             if inpainting_unet:
                 masked_image = image * (mask_full < 0.5)
@@ -229,10 +229,9 @@ def generate(
         for i, t in enumerate(tqdm(timesteps, disable=not progress, desc=sampler_name)):
             latents = sampler.step(i, latents, noise_model)
             if mask is not None and not inpainting_unet:
-                # Keep what lies outside the mask: the original latents, noised to the level of the next step.
-                known = image_latents
-                if i < len(timesteps) - 1:
-                    known = sampler.add_noise(image_latents, timesteps[i + 1], noise)
+                # Keep what lies outside the mask: the original latents, noised to the level of the next step
+                # (after the last step: the original latents themselves).
+                known = sampler.noise_to_step(image_latents, i + 1, noise)
                 latents = (1 - mask) * known + mask * latents
             if callback is not None:
                 callback(i, t, latents)

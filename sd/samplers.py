@@ -85,14 +85,22 @@ class SigmaSampler:
         """Pure noise at the first level: N(0, σ_max² I) (diffusers' convention for "linspace" spacing)."""
         return self.sigmas.max().item()
 
+    def noised(self, original_samples: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """The sampler's state at noise level σ (one per sample, or one for all): x = x_0 + σ ε."""
+        sigma = sigma.to(original_samples.device, original_samples.dtype).view(-1, *([1] * (original_samples.dim() - 1)))
+        return original_samples + sigma * noise.to(original_samples.device)
+
+    def noise_to_step(self, original_samples: torch.Tensor, i: int, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """x_0 noised to the level where step i starts (i = len(timesteps): the end, σ = 0)."""
+        noise = randn_like(original_samples, self.generator) if noise is None else noise
+        return self.noised(original_samples, self.sigmas[i], noise)
+
     def add_noise(self, original_samples: torch.Tensor, timesteps: torch.Tensor | float,
                   noise: torch.Tensor | None = None) -> torch.Tensor:
-        """x = x_0 + σ ε, σ the level of the given timestep(s) of this schedule."""
-        if noise is None:
-            noise = randn_like(original_samples, self.generator)
+        """x_0 noised to the level of the given timestep(s) of this schedule (the first step with that timestep)."""
+        noise = randn_like(original_samples, self.generator) if noise is None else noise
         index = [(self.timesteps == t).nonzero()[0, 0].item() for t in torch.as_tensor(timesteps).reshape(-1).tolist()]
-        sigma = self.sigmas[index].to(original_samples.device, original_samples.dtype)
-        return original_samples + sigma.view(-1, *([1] * (original_samples.dim() - 1))) * noise.to(original_samples.device)
+        return self.noised(original_samples, self.sigmas[index], noise)
 
     def denoise(self, model: NoiseModel, x: torch.Tensor, sigma: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """D(x; σ) = x - σ ε̂(x / sqrt(σ² + 1), t): the clean sample the model predicts (Karras et al. eq. 2)."""

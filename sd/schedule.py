@@ -60,7 +60,7 @@ def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) 
 def sigma_to_timestep(sigma: torch.Tensor, all_sigmas: torch.Tensor) -> torch.Tensor:
     """The (fractional) training timestep of each σ, interpolating linearly in log σ between the two training
     steps around it, so the UNet can be told where a Karras σ lies. (n,) -> (n,) float64."""
-    log_sigmas = all_sigmas.double().log()                  # increasing in t
+    log_sigmas = all_sigmas.log().double()  # increasing in t; log taken in float32, as diffusers' np.log
     log_sigma = sigma.double().clamp(min=1e-10).log()
     low = (torch.searchsorted(log_sigmas, log_sigma, right=True) - 1).clamp(0, len(log_sigmas) - 2)
     w = ((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[low + 1])).clamp(0, 1)

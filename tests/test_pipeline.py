@@ -86,25 +86,31 @@ def test_img2img_matches_diffusers(tiny, reference, cfg):
     assert np.abs(pixels(ours) - diffusers_pixels(theirs)).max() <= 1
 
 
+LMS_IMG2IMG = pytest.mark.xfail(strict=True, reason=(
+    "diffusers' LMSDiscreteScheduler mis-weights its first steps after set_begin_index (issue #5630); ours restarts "
+    "the multistep history as k-diffusion does, and matches diffusers on the trimmed schedule (test_samplers.py)"))
+
+
 @pytest.mark.filterwarnings("ignore:You have passed 2 text prompts")
+@pytest.mark.parametrize("mode", ["txt2img", "img2img"])
 @pytest.mark.parametrize("sampler", list(DIFFUSERS))
-def test_every_sampler_matches_diffusers_end_to_end(tiny, reference, sampler):
+def test_every_sampler_matches_diffusers_end_to_end(tiny, reference, sampler, mode, request):
     """Text-to-image (CFG, two prompts) and image-to-image for each sampler against diffusers' pipelines with the
     matching scheduler: same seed, images within 1/255. Ancestral samplers draw their noise in diffusers' order."""
     from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 
+    if sampler == "lms" and mode == "img2img":
+        request.applymarker(LMS_IMG2IMG)
     models, _, _ = tiny
-    txt2img, img2img = reference
-    for cls, base in ((StableDiffusionPipeline, txt2img), (StableDiffusionImg2ImgPipeline, img2img)):
-        pipe = cls(**{**base.components, "scheduler": diffusers_scheduler(sampler, STEPS)})
-        pipe.set_progress_bar_config(disable=True)
-        image = {} if cls is StableDiffusionPipeline else {"image": photo(8), "strength": 0.7}
-        ours = generate(PROMPTS, models=models, seed=13, n_inference_steps=STEPS, height=H, width=W, progress=False,
-                        sampler_name=sampler, **({"input_image": image["image"], "strength": 0.7} if image else {}))
-        size = {"height": H, "width": W} if not image else {}
-        theirs = pipe(PROMPTS, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(13), output_type="np",
-                      **size, **image)
-        assert np.abs(pixels(ours) - diffusers_pixels(theirs)).max() <= 1, (sampler, cls.__name__)
+    cls, base = (StableDiffusionPipeline, reference[0]) if mode == "txt2img" else (StableDiffusionImg2ImgPipeline, reference[1])
+    pipe = cls(**{**base.components, "scheduler": diffusers_scheduler(sampler, STEPS)})
+    pipe.set_progress_bar_config(disable=True)
+    start = {"input_image": photo(8), "strength": 0.7} if mode == "img2img" else {}
+    ours = generate(PROMPTS, models=models, seed=13, n_inference_steps=STEPS, height=H, width=W, progress=False,
+                    sampler_name=sampler, **start)
+    extra = {"image": start["input_image"], "strength": 0.7} if start else {"height": H, "width": W}
+    theirs = pipe(PROMPTS, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(13), output_type="np", **extra)
+    assert np.abs(pixels(ours) - diffusers_pixels(theirs)).max() <= 1
 
 
 def test_num_images_per_prompt_matches_diffusers(tiny, reference):
