@@ -290,3 +290,24 @@ def test_idle_device_receives_each_model_after_use(tiny, monkeypatch):
     moves.clear()
     generate("a cat", models=models, seed=0, n_inference_steps=1, height=H, width=W, progress=False)
     assert [m[0] for m in moves] == ["clip", "diffusion", "decoder"]  # to the device only: no idle_device given
+
+
+@pytest.mark.parametrize("sampler", list(DIFFUSERS))
+def test_every_sampler_inpaints(tiny, sampler):
+    """Standard checkpoint: after the last step the latents outside the mask are the input's exactly (each sampler
+    noises them to the next step's level, and to none after the last); the 9-channel UNet runs with every sampler."""
+    models, _, _ = tiny
+    start = photo(9)
+    last = []
+    generate("a cat", models=models, input_image=start, mask_image=half_mask(), strength=0.8, seed=5,
+             n_inference_steps=5, height=H, width=W, progress=False, sampler_name=sampler,
+             callback=lambda i, t, x: last.append(x))
+    with torch.no_grad():
+        image = torch.from_numpy(pixels([start])[0]).permute(2, 0, 1)[None].float() / 255 * 2 - 1
+        image_latents = models["encoder"](image, torch.randn(1, 4, H // 2, W // 2, generator=torch.Generator().manual_seed(5)))
+    assert torch.equal(last[-1][..., : W // 4], image_latents.expand(1, -1, -1, -1)[..., : W // 4])
+
+    inpaint_models = random_models(tiny_configs(in_channels=9), seed=6)
+    images = generate("a cat", models=inpaint_models, input_image=start, mask_image=half_mask(), seed=5,
+                      n_inference_steps=3, height=H, width=W, progress=False, sampler_name=sampler, paste_back=True)
+    assert np.array_equal(pixels(images)[0][:, : W // 2], pixels([start])[0][:, : W // 2])
