@@ -40,28 +40,34 @@ class VAE_Encoder(nn.Sequential):
         super().__init__(*layers)
         self.config = cfg
 
-    def forward(self, x: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
-        """x: image (B, 3, H, W) in [-1, 1]; noise: N(0, 1) of the latent shape (B, 4, H/8, W/8),
-        or None to return the distribution's mean (its mode). Returns latents scaled by latent_scale."""
+    def _check_image(self, x: torch.Tensor) -> torch.Size:
         cfg = self.config
         if x.dim() != 4 or x.shape[1] != cfg.image_channels:
             raise ValueError(f"VAE_Encoder expects images of shape (B, {cfg.image_channels}, H, W), got {tuple(x.shape)}")
-        B, _, H, W = x.shape
-        if H % cfg.downscale or W % cfg.downscale:
-            raise ValueError(f"VAE_Encoder needs height and width divisible by {cfg.downscale}, got {H}x{W}")
-        latent_shape = (B, cfg.latent_channels, H // cfg.downscale, W // cfg.downscale)
-        if noise is not None and tuple(noise.shape) != latent_shape:
-            raise ValueError(f"noise must have the latent shape {latent_shape}, got {tuple(noise.shape)}")
+        if x.shape[2] % cfg.downscale or x.shape[3] % cfg.downscale:
+            raise ValueError(f"VAE_Encoder needs height and width divisible by {cfg.downscale}, got {x.shape[2]}x{x.shape[3]}")
+        return x.shape
 
+    def moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: image (B, 3, H, W) in [-1, 1] -> (mean, log_variance) of the latent Gaussian, each (B, 4, H/8, W/8),
+        unscaled and with the log-variance clamped (what training's KL term needs)."""
+        self._check_image(x)
         for module in self:
             if isinstance(module, nn.Conv2d) and module.stride == (2, 2):
                 # Pad (left, right, top, bottom) = (0, 1, 0, 1): symmetric padding would shift the image.
                 x = F.pad(x, (0, 1, 0, 1))
             x = module(x)
         mean, log_variance = x.chunk(2, dim=1)  # (B, 4, H/8, W/8) each
-        if noise is None:
-            z = mean
-        else:
-            std = torch.clamp(log_variance, LOGVAR_MIN, LOGVAR_MAX).mul(0.5).exp()
-            z = mean + std * noise  # reparameterisation: a sample of N(mean, std^2)
+        return mean, torch.clamp(log_variance, LOGVAR_MIN, LOGVAR_MAX)
+
+    def forward(self, x: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """x: image (B, 3, H, W) in [-1, 1]; noise: N(0, 1) of the latent shape (B, 4, H/8, W/8),
+        or None to return the distribution's mean (its mode). Returns latents scaled by latent_scale."""
+        cfg = self.config
+        B, _, H, W = self._check_image(x)
+        latent_shape = (B, cfg.latent_channels, H // cfg.downscale, W // cfg.downscale)
+        if noise is not None and tuple(noise.shape) != latent_shape:
+            raise ValueError(f"noise must have the latent shape {latent_shape}, got {tuple(noise.shape)}")
+        mean, log_variance = self.moments(x)
+        z = mean if noise is None else mean + log_variance.mul(0.5).exp() * noise  # reparameterisation: N(mean, std^2)
         return z * cfg.latent_scale
