@@ -8,13 +8,13 @@ Reference: Lu et al. 2022, "DPM-Solver++: Fast Solver for Guided Sampling of Dif
 import torch
 
 from .samplers import NoiseModel, SigmaSampler
-from .schedule import N_TRAINING_STEPS, karras_sigmas, leading_timesteps, sigma_to_timestep
+from .schedule import N_TRAINING_STEPS, check_n_inference_steps, karras_sigmas, sigma_to_timestep
 
 
 def dpm_solver_timesteps(n_inference_steps: int, n_training_steps: int = N_TRAINING_STEPS) -> torch.Tensor:
     """diffusers' own "linspace" for this scheduler: n + 1 points over [0, n_training - 1], rounded to integers,
     noisiest first, the last (t = 0) dropped: 10 steps -> 999, 899, ..., 100. int64 (n,)."""
-    leading_timesteps(n_inference_steps, n_training_steps)  # the same checks of the step count
+    check_n_inference_steps(n_inference_steps, n_training_steps)
     points = torch.arange(n_inference_steps + 1, dtype=torch.float64) * ((n_training_steps - 1) / n_inference_steps)
     return points.round().long().flip(0)[:-1]  # as numpy's linspace computes it: i * step; rounds half to even
 

@@ -23,6 +23,7 @@ from .model_converter import UNET_PREFIX, load_from_standard_weights, to_standar
 # safetensors metadata key under which save_standard_weights records the model configs as JSON,
 # so a checkpoint of non-standard size (a tiny test model, our embedded model) loads like any other.
 CONFIG_METADATA_KEY = "sd_configs"
+IMAGE_SIZE_METADATA_KEY = "sd_image_size"  # the image size a model was trained at ("64"), when it is not SD's 512
 CONFIG_CLASSES = {"clip": CLIPConfig, "vae": VAEConfig, "diffusion": DiffusionConfig}
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -133,18 +134,19 @@ def preload_models_from_standard_weights(
     return models
 
 
-def save_standard_weights(models: dict[str, nn.Module], path: str | os.PathLike) -> Path:
+def save_standard_weights(models: dict[str, nn.Module], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
     """Save the four models as one checkpoint in the original layout, with their configs in the metadata.
 
     .safetensors (recommended) or .ckpt ({"state_dict": ...}, as the released files); both load with
     preload_models_from_standard_weights and with other tools that read SD 1.x checkpoints.
+    metadata: more string entries for a .safetensors file (e.g. IMAGE_SIZE_METADATA_KEY).
     """
     path = Path(path)
     tensors = to_standard_weights(models)
     configs = {"clip": models["clip"].config, "vae": models["encoder"].config, "diffusion": models["diffusion"].config}
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file
-        save_file(tensors, str(path), metadata={CONFIG_METADATA_KEY: configs_to_json(configs)})
+        save_file(tensors, str(path), metadata={**(metadata or {}), CONFIG_METADATA_KEY: configs_to_json(configs)})
     elif path.suffix == ".ckpt":
         torch.save({"state_dict": tensors}, path)
     else:

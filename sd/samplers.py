@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 
 from .schedule import (
-    N_TRAINING_STEPS, BETA_END, BETA_START, interpolate_sigmas, karras_sigmas, linspace_timesteps, make_alphas_cumprod,
+    N_TRAINING_STEPS, BETA_END, BETA_START, check_n_inference_steps, interpolate_sigmas, karras_sigmas, linspace_timesteps, make_alphas_cumprod,
     make_betas, sigma_to_timestep, sigmas_from_alphas_cumprod, start_step,
 )
 
@@ -38,6 +38,7 @@ def make_sampler(name: str, generator: torch.Generator | None = None, n_inferenc
     """A fresh sampler by name (see SAMPLERS), with its timesteps set."""
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; known: {', '.join(SAMPLERS)}")
+    check_n_inference_steps(n_inference_steps)  # every sampler, whatever its own spacing does
     module, cls, defaults = SAMPLERS[name]
     sampler = getattr(importlib.import_module(module), cls)(generator, **{**defaults, **options})
     sampler.set_inference_timesteps(n_inference_steps)

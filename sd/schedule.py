@@ -24,11 +24,15 @@ def make_alphas_cumprod(betas: torch.Tensor) -> torch.Tensor:
     return torch.cumprod(1.0 - betas, dim=0)
 
 
+def check_n_inference_steps(n_inference_steps, n_training_steps: int = N_TRAINING_STEPS) -> None:
+    if not isinstance(n_inference_steps, int) or isinstance(n_inference_steps, bool) or not 0 < n_inference_steps <= n_training_steps:
+        raise ValueError(f"n_inference_steps must be an integer from 1 to {n_training_steps}, got {n_inference_steps!r}")
+
+
 def leading_timesteps(n_inference_steps: int, n_training_steps: int = N_TRAINING_STEPS, steps_offset: int = STEPS_OFFSET) -> torch.Tensor:
     """The timesteps to visit, noisiest first, evenly spaced from the start ("leading" spacing, as diffusers
     uses for SD 1.5): 50 steps -> 981, 961, ..., 21, 1. int64 (n_inference_steps,)."""
-    if not isinstance(n_inference_steps, int) or isinstance(n_inference_steps, bool) or not 0 < n_inference_steps <= n_training_steps:
-        raise ValueError(f"n_inference_steps must be an integer from 1 to {n_training_steps}, got {n_inference_steps!r}")
+    check_n_inference_steps(n_inference_steps, n_training_steps)
     step_ratio = n_training_steps // n_inference_steps
     return torch.arange(n_inference_steps - 1, -1, -1, dtype=torch.int64) * step_ratio + steps_offset
 
@@ -70,7 +74,7 @@ def sigma_to_timestep(sigma: torch.Tensor, all_sigmas: torch.Tensor) -> torch.Te
 def linspace_timesteps(n_inference_steps: int, n_training_steps: int = N_TRAINING_STEPS) -> torch.Tensor:
     """Timesteps spread evenly over [0, n_training_steps - 1], noisiest first, fractional ("linspace" spacing:
     what diffusers' sigma-space schedulers use with SD 1.5's config). float64 (n_inference_steps,)."""
-    leading_timesteps(n_inference_steps, n_training_steps)  # the same checks of the step count
+    check_n_inference_steps(n_inference_steps, n_training_steps)
     return torch.linspace(0, n_training_steps - 1, n_inference_steps, dtype=torch.float64).flip(0)
 
 

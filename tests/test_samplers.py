@@ -153,6 +153,13 @@ def test_ddim_eta_is_checked(bad):
         make_sampler("ddim", None, 10, eta=bad)
 
 
+@pytest.mark.parametrize("name", list(DIFFUSERS))
+@pytest.mark.parametrize("bad", [0, -1, 1001, 2.5, True])
+def test_every_sampler_refuses_bad_step_counts(name, bad):
+    with pytest.raises(ValueError, match="n_inference_steps must be an integer from 1 to 1000"):
+        make_sampler(name, None, bad)
+
+
 def test_unknown_sampler_lists_the_known_ones():
     with pytest.raises(ValueError, match="known: ddpm, ddim, euler, euler_karras, euler_a, heun, lms, dpmpp_2m, dpmpp_2m_karras"):
         make_sampler("plms")
