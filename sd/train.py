@@ -35,7 +35,7 @@ from .ddpm import DDPMSampler
 from .decoder import VAE_Decoder, VAEConfig
 from .diffusion import DiffusionConfig
 from .encoder import VAE_Encoder
-from .model_loader import build_models, configs_from_json, save_standard_weights
+from .model_loader import IMAGE_SIZE_METADATA_KEY, build_models, configs_from_json, save_standard_weights
 from .schedule import N_TRAINING_STEPS
 from .tokenizer import tokenize
 
@@ -228,12 +228,24 @@ def load_ema(models: dict[str, nn.Module], path: str | os.PathLike) -> dict[str,
     return result
 
 
-def export(models: dict[str, nn.Module], path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+def export(models: dict[str, nn.Module], path: str | os.PathLike, dtype: torch.dtype | None = None,
+           metadata: dict[str, str] | None = None) -> Path:
     """Save the four models as a standard SD checkpoint (sd.model_loader.save_standard_weights);
     dtype=torch.float16 halves the file, and preload_models_from_standard_weights converts back on loading."""
     if dtype is not None:
         models = {name: copy.deepcopy(model).to(dtype) for name, model in models.items()}
-    return save_standard_weights(models, path)
+    return save_standard_weights(models, path, metadata=metadata)
+
+
+@torch.no_grad()
+def fit_latent_scale(encoder: VAE_Encoder, dataset, n: int = 256, seed: int = 0) -> float:
+    """The LDM paper's scale factor for a newly trained VAE: 1 / std of its (unscaled) latents over n training
+    images, so the UNet sees latents of unit variance (for SD's VAE this is the 0.18215 of v1-inference.yaml)."""
+    images = torch.stack([dataset[i][0] for i in range(n)]).to(next(encoder.parameters()).device)
+    mean, log_variance = encoder.eval().moments(images)
+    noise = torch.randn(mean.shape, generator=torch.Generator().manual_seed(seed)).to(mean.device)
+    z = mean + (0.5 * log_variance).exp() * noise
+    return float(f"{1 / z.std().item():.5g}")
 
 
 # --- the loop ------------------------------------------------------------------------------------------------------
@@ -419,11 +431,15 @@ def main(argv: Sequence[str] | None = None) -> None:
                   vae_dir, resume_from=latest_checkpoint(vae_dir))
         models.update({k: v for k, v in load_ema(models, checkpoint_path(vae_dir, args.vae_steps)).items()
                        if k in ("encoder", "decoder")})
+        vae = dataclasses.replace(models["encoder"].config, latent_scale=fit_latent_scale(models["encoder"], dataset))
+        models["encoder"].config = models["decoder"].config = vae
+        print(f"VAE trained; latent scale 1 / std(latents) = {vae.latent_scale}")
     prompts = ("a red circle on a blue background", "a yellow square on a black background")
     cfg = TrainConfig(steps=args.steps, sample_every=500, sample_prompts=prompts, **common)
     train_diffusion(models, dataset, cfg, args.out / "diffusion", resume_from=args.resume)
     path = export(load_ema(models, checkpoint_path(args.out / "diffusion", args.steps)),
-                  args.export or args.out / "model.safetensors", dtype=torch.float16)
+                  args.export or args.out / "model.safetensors", dtype=torch.float16,
+                  metadata={IMAGE_SIZE_METADATA_KEY: str(args.size)})
     print(f"wrote {path}")
 
 
