@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .samplers import SAMPLERS, make_sampler
+from .samplers import make_sampler
 
 WIDTH, HEIGHT = 512, 512  # SD 1.5 was trained at 512x512
 
@@ -119,7 +119,6 @@ def generate(
     for name, size in (("height", height), ("width", width)):
         _check(_is_int(size) and size > 0 and size % downscale == 0,
                f"{name} must be a positive multiple of {downscale}, got {size!r}")
-    _check(sampler_name in SAMPLERS, f"unknown sampler {sampler_name!r}; known: {', '.join(SAMPLERS)}")
     _check(eta is None or sampler_name == "ddim", f"eta is an option of the ddim sampler, not of {sampler_name!r}")
     _check(_is_int(num_images) and num_images > 0, f"num_images must be a positive integer, got {num_images!r}")
     _check(isinstance(cfg_scale, (int, float)) and not isinstance(cfg_scale, bool), f"cfg_scale must be a number, got {cfg_scale!r}")
@@ -153,7 +152,7 @@ def generate(
             generator.manual_seed(seed)
         else:
             generator.seed()
-    # Cheap, and checks the step count and options: still before any model runs.
+    # Cheap, and checks the sampler's name, step count and options: still before any model runs.
     sampler = make_sampler(sampler_name, generator, n_inference_steps, **({} if eta is None else {"eta": eta}))
 
     # --- set up ------------------------------------------------------------------------------------------------
@@ -240,7 +239,6 @@ def generate(
         decoder = to_device(models["decoder"])
         images = decoder(latents)  # (B, 3, H, W)
         to_idle(decoder)
-        if paste_back:
-            original = image_to_tensor(input_image, width, height).to(images.device, images.dtype)
-            images = mask_full.to(images.device) * images + (1 - mask_full.to(images.device)) * original
+        if paste_back:  # the input image as it went into the encoder, in the decoder's dtype
+            images = mask_full * images + (1 - mask_full) * image.to(images.dtype)
     return [Image.fromarray(a) for a in to_uint8(images)]
