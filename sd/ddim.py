@@ -28,7 +28,7 @@ class DDIMSampler(DDPMSampler):
         t = int(self.timesteps[i])
         eps = model(latents, t)
         alpha_prod_t, alpha_prod_prev = self._alpha_cumprod(t), self._alpha_cumprod(self._get_previous_timestep(t))
-        pred_original = self.predict_original(t, latents, eps)
+        pred_original = self.pred_original = self.predict_original(t, latents, eps)
         variance = (1 - alpha_prod_prev) / (1 - alpha_prod_t) * (1 - alpha_prod_t / alpha_prod_prev)
         std = self.eta * variance**0.5
         x = alpha_prod_prev**0.5 * pred_original + (1 - alpha_prod_prev - std**2) ** 0.5 * eps

@@ -21,6 +21,7 @@ class DDPMSampler:
     """
 
     init_noise_sigma = 1.0  # the starting latents are N(0, I)
+    pred_original: torch.Tensor | None = None  # x̂_0 of the last step (eq. 15), for callbacks
 
     def __init__(self, generator: torch.Generator | None = None, n_training_steps: int = N_TRAINING_STEPS,
                  beta_start: float = BETA_START, beta_end: float = BETA_END):
@@ -67,7 +68,7 @@ class DDPMSampler:
         current_alpha_t = alpha_prod_t / alpha_prod_prev
         current_beta_t = 1 - current_alpha_t
 
-        pred_original = self.predict_original(t, latents, model_output)
+        pred_original = self.pred_original = self.predict_original(t, latents, model_output)
         # μ̃_t = sqrt(ᾱ_prev) β_t / (1 - ᾱ_t) · x̂_0 + sqrt(α_t) (1 - ᾱ_prev) / (1 - ᾱ_t) · x_t
         mean = (alpha_prod_prev**0.5 * current_beta_t / beta_prod_t) * pred_original \
             + (current_alpha_t**0.5 * beta_prod_prev / beta_prod_t) * latents

@@ -4,8 +4,12 @@ Tutorial part: "Pipeline" (hkproj pipeline.py: generate, rescale, get_time_embed
 Original: diffusers' StableDiffusionPipeline / Img2ImgPipeline / InpaintPipeline, whose random draws
 (initial latents, VAE samples, every step's noise) this loop makes in the same order and shapes, so the
 same seed on CPU gives the same image. Reference: Ho & Salimans 2022, "Classifier-Free Diffusion Guidance";
-Meng et al. 2022, "SDEdit" (image-to-image); Lugmayr et al. 2022, "RePaint" (inpainting by blending).
+Meng et al. 2022, "SDEdit" (image-to-image); Lugmayr et al. 2022, "RePaint" (inpainting by blending);
+Dhariwal & Nichol 2021, "Diffusion Models Beat GANs on Image Synthesis", eq. (14) (guidance by a loss's gradient,
+as the Hugging Face diffusion course's "guidance functions" use it).
 """
+
+import contextlib
 
 from collections.abc import Callable, Mapping, Sequence
 
@@ -14,7 +18,9 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .attention_maps import AttentionMaps, record_cross_attention, token_strings
 from .samplers import make_sampler
+from .schedule import alpha_cumprod_at, make_alphas_cumprod, make_betas
 
 WIDTH, HEIGHT = 512, 512  # SD 1.5 was trained at 512x512
 
@@ -81,10 +87,13 @@ def generate(
     negative_prompt: str | list[str] | None = None,
     num_images: int = 1,
     generator: torch.Generator | None = None,
-    callback: Callable[[int, int, torch.Tensor], None] | None = None,
+    callback: Callable[[int, float, torch.Tensor, torch.Tensor], None] | None = None,
     paste_back: bool = False,
     eta: float | None = None,
     progress: bool = True,
+    attention_maps: AttentionMaps | None = None,
+    guidance_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    guidance_fn_scale: float = 1.0,
 ) -> list[Image.Image]:
     """Make images from text (and optionally an image to start from and a mask of what to repaint).
 
@@ -98,7 +107,13 @@ def generate(
     sampler_name: one of sd.samplers.SAMPLERS (ddpm, ddim, euler, euler_a, heun, lms, dpmpp_2m, and the
     _karras variants); eta: DDIM's noise amount (0 deterministic, 1 DDPM-like), for ddim only.
     seed or generator: reproducibility; the same seed gives the same image as diffusers on CPU.
-    callback(step_index, timestep, latents) after each step. Returns PIL images.
+    callback(step_index, timestep, latents, pred_original) after each step: the sampler's state and its prediction
+    x̂_0 of the clean latents (sd.preview.LatentPreview shows either cheaply; models["decoder"] decodes x̂_0).
+    attention_maps: an sd.attention_maps.AttentionMaps to fill with each image's cross-attention maps.
+    guidance_fn(images) -> loss: images is the decoded x̂_0 (B, 3, H, W) in [0, 1] at every step; the gradient of
+    the loss (a scalar, or one per image, summed) nudges the noise prediction, ε̂ += guidance_fn_scale ·
+    sqrt(1 - ᾱ_t) · ∇_{x_t} loss (ε̂ held constant inside x̂_0), so the sampler moves toward lower loss. It costs a
+    decoder forward and backward per model evaluation. Returns PIL images.
     """
     # --- check everything before any model runs -------------------------------------------------------------
     if models is None or not isinstance(models, Mapping):
@@ -143,7 +158,14 @@ def generate(
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     if callback is not None and not callable(callback):
-        raise TypeError("callback must be callable as callback(step_index, timestep, latents)")
+        raise TypeError("callback must be callable as callback(step_index, timestep, latents, pred_original)")
+    if attention_maps is not None and not isinstance(attention_maps, AttentionMaps):
+        raise TypeError(f"attention_maps must be an sd.attention_maps.AttentionMaps, got {type(attention_maps).__name__}")
+    if guidance_fn is not None and not callable(guidance_fn):
+        raise TypeError("guidance_fn must be callable as guidance_fn(images) -> loss tensor")
+    _check(isinstance(guidance_fn_scale, (int, float)) and not isinstance(guidance_fn_scale, bool),
+           f"guidance_fn_scale must be a number, got {guidance_fn_scale!r}")
+    _check(guidance_fn is not None or guidance_fn_scale == 1.0, "guidance_fn_scale is the scale of guidance_fn: give a guidance_fn")
 
     if generator is None:
         # A CPU generator: the same seed gives the same noise whatever device the models run on.
@@ -156,7 +178,9 @@ def generate(
     sampler = make_sampler(sampler_name, generator, n_inference_steps, **({} if eta is None else {"eta": eta}))
 
     # --- set up ------------------------------------------------------------------------------------------------
-    from .tokenizer import tokenize
+    from .tokenizer import load_tokenizer, tokenize
+
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer()
 
     diffusion = models["diffusion"]
     device = torch.device(device) if device is not None else next(diffusion.parameters()).device
@@ -211,9 +235,25 @@ def generate(
             to_idle(encoder)
 
         diffusion = to_device(diffusion)
+        if guidance_fn is not None:
+            decoder = to_device(models["decoder"])
+            alphas_cumprod = make_alphas_cumprod(make_betas(sampler.n_training_steps))
+
+        def guide(x: torch.Tensor, t, eps: torch.Tensor) -> torch.Tensor:
+            """ε̂ nudged down the gradient of guidance_fn's loss on the decoded x̂_0 (Dhariwal & Nichol eq. 14)."""
+            alpha_bar = alpha_cumprod_at(t, alphas_cumprod).item()
+            with torch.inference_mode(False), torch.enable_grad():
+                x_t = x.clone().requires_grad_()  # a clone is an ordinary tensor that autograd may use
+                pred_original = (x_t - (1 - alpha_bar) ** 0.5 * eps.clone()) / alpha_bar**0.5
+                loss = guidance_fn((decoder(pred_original).float() + 1) / 2)
+                if not isinstance(loss, torch.Tensor) or loss.shape not in ((), (1,), (x.shape[0],)):
+                    got = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+                    raise ValueError(f"guidance_fn must return a loss tensor of shape () or ({x.shape[0]},), got {got}")
+                (grad,) = torch.autograd.grad(loss.sum(), x_t)
+            return eps + guidance_fn_scale * (1 - alpha_bar) ** 0.5 * grad.to(eps.dtype)
 
         def noise_model(x: torch.Tensor, t) -> torch.Tensor:
-            """ε̂ for the sampler: the UNet with the prompts' context and classifier-free guidance."""
+            """ε̂ for the sampler: the UNet with the prompts' context, classifier-free guidance and guidance_fn."""
             model_input = torch.cat([x] * 2) if do_cfg else x
             if inpainting_unet:
                 extra = torch.cat([mask, masked_image_latents], dim=1)  # (B, 5, h, w): mask, masked-image latents
@@ -222,19 +262,26 @@ def generate(
             if do_cfg:
                 output_uncond, output_cond = output.chunk(2)
                 output = output_uncond + cfg_scale * (output_cond - output_uncond)  # Ho & Salimans eq. (6)
-            return output
+            return output if guidance_fn is None else guide(x, t, output)
 
+        # Attention maps: hooks only while sampling, on the conditional half of the UNet's batch under CFG.
+        recording = contextlib.nullcontext() if attention_maps is None else \
+            record_cross_attention(diffusion, rows=slice(B, 2 * B) if do_cfg else slice(0, B))
         timesteps = sampler.timesteps.tolist()
-        for i, t in enumerate(tqdm(timesteps, disable=not progress, desc=sampler_name)):
-            latents = sampler.step(i, latents, noise_model)
-            if mask is not None and not inpainting_unet:
-                # Keep what lies outside the mask: the original latents, noised to the level of the next step
-                # (after the last step: the original latents themselves).
-                known = sampler.noise_to_step(image_latents, i + 1, noise)
-                latents = (1 - mask) * known + mask * latents
-            if callback is not None:
-                callback(i, t, latents)
+        with recording as recorded:
+            for i, t in enumerate(tqdm(timesteps, disable=not progress, desc=sampler_name)):
+                latents = sampler.step(i, latents, noise_model)
+                if mask is not None and not inpainting_unet:
+                    # Keep what lies outside the mask: the original latents, noised to the level of the next step
+                    # (after the last step: the original latents themselves).
+                    known = sampler.noise_to_step(image_latents, i + 1, noise)
+                    latents = (1 - mask) * known + mask * latents
+                if callback is not None:
+                    callback(i, t, latents, sampler.pred_original)
         to_idle(diffusion)
+        if attention_maps is not None:
+            attention_maps.maps = recorded.mean().cpu()
+            attention_maps.tokens = token_strings(tokens[-B:], tokenizer)
 
         decoder = to_device(models["decoder"])
         images = decoder(latents)  # (B, 3, H, W)

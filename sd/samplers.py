@@ -3,7 +3,8 @@
 Tutorial part: "DDPM sampler" generalised (the tutorial has DDPM only). A sampler's step gets its index i and
 the model as a function model(x_in, t) -> predicted noise; it scales the model input and chooses the timestep
 itself, and may call the model more than once (Heun). Classifier-free guidance, image-to-image strength and
-inpainting blending stay in the pipeline, so every sampler works with every mode.
+inpainting blending stay in the pipeline, so every sampler works with every mode. After each step,
+`sampler.pred_original` holds x̂_0, the clean latents predicted by the step's last model evaluation.
 References: Karras et al. 2022 (EDM, sigma space); Crowson, k-diffusion `sampling.py` (the samplers' form).
 """
 
@@ -59,6 +60,8 @@ class SigmaSampler:
     The UNet was trained on x_t = sqrt(ᾱ) x_0 + sqrt(1 - ᾱ) ε = x_σ / sqrt(σ² + 1), so its input is scaled so.
     """
 
+    pred_original: torch.Tensor | None = None  # x̂_0 = D(x; σ) of the last model evaluation
+
     def __init__(self, generator: torch.Generator | None = None, karras: bool = False,
                  n_training_steps: int = N_TRAINING_STEPS, beta_start: float = BETA_START, beta_end: float = BETA_END):
         self.generator = generator
@@ -106,7 +109,8 @@ class SigmaSampler:
     def denoise(self, model: NoiseModel, x: torch.Tensor, sigma: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """D(x; σ) = x - σ ε̂(x / sqrt(σ² + 1), t): the clean sample the model predicts (Karras et al. eq. 2)."""
         eps = model(x / (sigma**2 + 1) ** 0.5, t)
-        return x - sigma * eps
+        self.pred_original = x - sigma * eps
+        return self.pred_original
 
     def step(self, i: int, x: torch.Tensor, model: NoiseModel) -> torch.Tensor:
         raise NotImplementedError

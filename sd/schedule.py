@@ -85,3 +85,14 @@ def interpolate_sigmas(timesteps: torch.Tensor, all_sigmas: torch.Tensor) -> tor
     w = t - low
     s = all_sigmas.double()
     return (1 - w) * s[low] + w * s[low + 1]
+
+
+def alpha_cumprod_at(timesteps: torch.Tensor | float, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """ᾱ at (fractional) timesteps, as the UNet reads them: log σ linear between the training steps around each
+    (the inverse of sigma_to_timestep, so a Karras σ comes back exactly), then ᾱ = 1 / (σ² + 1). float64, t's shape."""
+    t = torch.as_tensor(timesteps, dtype=torch.float64).clamp(0, len(alphas_cumprod) - 1)
+    low = t.floor().long().clamp(max=len(alphas_cumprod) - 2)
+    w = t - low
+    log_sigmas = sigmas_from_alphas_cumprod(alphas_cumprod).double().log()
+    sigma = ((1 - w) * log_sigmas[low] + w * log_sigmas[low + 1]).exp()
+    return 1 / (sigma**2 + 1)

@@ -159,7 +159,7 @@ def test_inpainting_keeps_the_unmasked_region(tiny):
     last = []
     common = dict(models=models, input_image=start, mask_image=half_mask(), strength=1.0, seed=11,
                   n_inference_steps=STEPS, height=H, width=W, progress=False)
-    out = pixels(generate("a green triangle", callback=lambda i, t, x: last.append(x.clone()), **common))[0]
+    out = pixels(generate("a green triangle", callback=lambda i, t, x, x0: last.append(x.clone()), **common))[0]
 
     with torch.no_grad():  # the pipeline's first random draw is the VAE's sample of the input image
         image = torch.from_numpy(original).permute(2, 0, 1)[None].float() / 255 * 2 - 1
@@ -194,7 +194,7 @@ def test_callback_sees_every_step_and_inputs_stay_unchanged(tiny):
     prompts = ["a", "b"]
     calls = []
     generate(prompts, models=models, input_image=start, strength=0.5, seed=0, n_inference_steps=10, height=H, width=W,
-             progress=False, callback=lambda i, t, x: calls.append((i, t, tuple(x.shape))))
+             progress=False, callback=lambda i, t, x, x0: calls.append((i, t, tuple(x.shape))))
     assert [c[0] for c in calls] == list(range(5)) and calls[0][1] == 401 and calls[-1][1] == 1
     assert calls[0][2] == (2, 4, H // 2, W // 2)
     assert start.tobytes() == before and prompts == ["a", "b"]
@@ -301,7 +301,7 @@ def test_every_sampler_inpaints(tiny, sampler):
     last = []
     generate("a cat", models=models, input_image=start, mask_image=half_mask(), strength=0.8, seed=5,
              n_inference_steps=5, height=H, width=W, progress=False, sampler_name=sampler,
-             callback=lambda i, t, x: last.append(x))
+             callback=lambda i, t, x, x0: last.append(x))
     with torch.no_grad():
         image = torch.from_numpy(pixels([start])[0]).permute(2, 0, 1)[None].float() / 255 * 2 - 1
         image_latents = models["encoder"](image, torch.randn(1, 4, H // 2, W // 2, generator=torch.Generator().manual_seed(5)))
