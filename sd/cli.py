@@ -12,7 +12,6 @@ from pathlib import Path
 
 # The embedded model: trained on CPU on sd.datasets' shapes (see weights/README.md for the command).
 EMBEDDED_CHECKPOINT = Path(__file__).resolve().parents[1] / "weights" / "sd-shapes.safetensors"
-SD_IMAGE_SIZE = 512
 HASH_LIMIT = 512 * 2**20  # hash checkpoints up to this size for the metadata (hashing 4 GB takes a while)
 
 # Our sampler names -> the names AUTOMATIC1111 writes in "Sampler:".
@@ -132,8 +131,7 @@ def run_generation(args: argparse.Namespace) -> list[Path]:
     import torch
     from PIL.PngImagePlugin import PngInfo
 
-    from .checkpoint_io import open_checkpoint
-    from .model_loader import IMAGE_SIZE_METADATA_KEY, preload_models_from_standard_weights
+    from .model_loader import checkpoint_image_size, preload_models_from_standard_weights
     from .pipeline import generate
 
     checkpoint = args.checkpoint or EMBEDDED_CHECKPOINT
@@ -142,7 +140,7 @@ def run_generation(args: argparse.Namespace) -> list[Path]:
                                 "pass --checkpoint weights/v1-5-pruned-emaonly.safetensors (see weights/README.md)")
     image = _open_image(args.image, "image") if getattr(args, "image", None) else None
     mask = _open_image(args.mask, "mask") if getattr(args, "mask", None) else None
-    size = int(open_checkpoint(checkpoint).metadata.get(IMAGE_SIZE_METADATA_KEY, SD_IMAGE_SIZE))
+    size = checkpoint_image_size(checkpoint)
     height, width = args.height or size, args.width or size
     seed = args.seed if args.seed is not None else random.randrange(2**32)
     device = _device(args.device)

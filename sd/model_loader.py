@@ -24,6 +24,7 @@ from .model_converter import UNET_PREFIX, load_from_standard_weights, to_standar
 # so a checkpoint of non-standard size (a tiny test model, our embedded model) loads like any other.
 CONFIG_METADATA_KEY = "sd_configs"
 IMAGE_SIZE_METADATA_KEY = "sd_image_size"  # the image size a model was trained at ("64"), when it is not SD's 512
+SD_IMAGE_SIZE = 512  # what SD 1.x was trained at, for files that do not record a size
 CONFIG_CLASSES = {"clip": CLIPConfig, "vae": VAEConfig, "diffusion": DiffusionConfig}
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -105,6 +106,11 @@ def configs_from_checkpoint(ckpt: Checkpoint) -> dict:
     conv_out = ckpt[UNET_PREFIX + "out.2.weight"].shape             # (out_channels, 320, 3, 3)
     return {"clip": CLIPConfig(), "vae": VAEConfig(),
             "diffusion": DiffusionConfig(in_channels=conv_in[1], out_channels=conv_out[0])}
+
+
+def checkpoint_image_size(ckpt_path: str | os.PathLike) -> int:
+    """The image size the checkpoint's model was trained at: from its metadata (our files), else SD's 512."""
+    return int(open_checkpoint(ckpt_path).metadata.get(IMAGE_SIZE_METADATA_KEY, SD_IMAGE_SIZE))
 
 
 def preload_models_from_standard_weights(
