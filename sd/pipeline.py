@@ -23,6 +23,7 @@ from .samplers import make_sampler
 from .schedule import alpha_cumprod_at, make_alphas_cumprod, make_betas
 
 WIDTH, HEIGHT = 512, 512  # SD 1.5 was trained at 512x512
+GUIDANCE_FN_SCALE = 200.0  # the Hugging Face diffusion course's colour-loss scale, for the same x̂_0 nudge s·σ²·∇loss
 
 
 def _check(condition: bool, message: str) -> None:
@@ -93,7 +94,7 @@ def generate(
     progress: bool = True,
     attention_maps: AttentionMaps | None = None,
     guidance_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    guidance_fn_scale: float = 1.0,
+    guidance_fn_scale: float | None = None,
 ) -> list[Image.Image]:
     """Make images from text (and optionally an image to start from and a mask of what to repaint).
 
@@ -110,10 +111,12 @@ def generate(
     callback(step_index, timestep, latents, pred_original) after each step: the sampler's state and its prediction
     x̂_0 of the clean latents (sd.preview.LatentPreview shows either cheaply; models["decoder"] decodes x̂_0).
     attention_maps: an sd.attention_maps.AttentionMaps to fill with each image's cross-attention maps.
-    guidance_fn(images) -> loss: images is the decoded x̂_0 (B, 3, H, W) in [0, 1] at every step; the gradient of
+    guidance_fn(images) -> loss: images is the decoded x̂_0 (B, 3, H, W), (decoder output + 1) / 2, so about [0, 1]
+    (not clamped: every pixel passes gradient), at every model evaluation; the gradient of
     the loss (a scalar, or one per image, summed) nudges the noise prediction, ε̂ += guidance_fn_scale ·
-    sqrt(1 - ᾱ_t) · ∇_{x_t} loss (ε̂ held constant inside x̂_0), so the sampler moves toward lower loss. It costs a
-    decoder forward and backward per model evaluation. Returns PIL images.
+    sqrt(1 - ᾱ_t) · ∇_{x_t} loss (ε̂ held constant inside x̂_0), which moves x̂_0 by -guidance_fn_scale · σ_t² ·
+    ∇_{x̂_0} loss (default scale GUIDANCE_FN_SCALE). It costs a decoder forward and backward per model evaluation.
+    Returns PIL images.
     """
     # --- check everything before any model runs -------------------------------------------------------------
     if models is None or not isinstance(models, Mapping):
@@ -163,9 +166,10 @@ def generate(
         raise TypeError(f"attention_maps must be an sd.attention_maps.AttentionMaps, got {type(attention_maps).__name__}")
     if guidance_fn is not None and not callable(guidance_fn):
         raise TypeError("guidance_fn must be callable as guidance_fn(images) -> loss tensor")
+    _check(guidance_fn is not None or guidance_fn_scale is None, "guidance_fn_scale is the scale of guidance_fn: give a guidance_fn")
+    guidance_fn_scale = GUIDANCE_FN_SCALE if guidance_fn_scale is None else guidance_fn_scale
     _check(isinstance(guidance_fn_scale, (int, float)) and not isinstance(guidance_fn_scale, bool),
            f"guidance_fn_scale must be a number, got {guidance_fn_scale!r}")
-    _check(guidance_fn is not None or guidance_fn_scale == 1.0, "guidance_fn_scale is the scale of guidance_fn: give a guidance_fn")
 
     if generator is None:
         # A CPU generator: the same seed gives the same noise whatever device the models run on.

@@ -253,6 +253,11 @@ def untouchable(tiny):
     (dict(seed=1.5), ValueError, "seed must be an integer"),
     (dict(seed=1, generator=torch.Generator()), ValueError, "seed or generator"),
     (dict(paste_back=True), ValueError, "paste_back needs a mask_image"),
+    (dict(callback="print"), TypeError, r"callback must be callable as callback\(step_index, timestep, latents, pred_original\)"),
+    (dict(attention_maps={}), TypeError, "attention_maps must be an sd.attention_maps.AttentionMaps, got dict"),
+    (dict(guidance_fn=0.5), TypeError, "guidance_fn must be callable"),
+    (dict(guidance_fn=lambda x: x.mean(), guidance_fn_scale="big"), ValueError, "guidance_fn_scale must be a number"),
+    (dict(guidance_fn_scale=10.0), ValueError, "guidance_fn_scale is the scale of guidance_fn: give a guidance_fn"),
 ])
 def test_bad_input_is_refused_before_any_model_runs(untouchable, kwargs, error, message):
     args = dict(prompt="a cat", models=untouchable, height=H, width=W, progress=False)

@@ -138,6 +138,8 @@ def test_oracle_model_lands_on_the_clean_sample(name):
     eps_start = oracle(x, sampler.timesteps[0]) if name == "ddim" else None
     for i in range(len(sampler.timesteps)):
         x = sampler.step(i, x, oracle)
+        # Every step's prediction of the clean sample (what the pipeline's callback shows) is x_0 itself.
+        assert (sampler.pred_original - c).abs().max() < 1e-3, (name, i)
     if name == "ddim":
         # Deterministic DDIM keeps the noise direction fixed and (set_alpha_to_one False) stops at ᾱ_0, not 1.
         a0 = sampler.alphas_cumprod[0]
@@ -145,6 +147,25 @@ def test_oracle_model_lands_on_the_clean_sample(name):
         assert torch.allclose(x, expected, atol=1e-4)
     else:
         assert (x - c).abs().max() < 1e-3, name
+
+
+@pytest.mark.parametrize("name", ["ddpm", "ddim", "euler", "euler_karras", "euler_a", "lms"])
+def test_pred_original_matches_diffusers(name):
+    """sampler.pred_original after each step is diffusers' pred_original_sample of the same step (the schedulers
+    whose step output carries it)."""
+    g = torch.Generator().manual_seed(4)
+    noise = torch.randn(1, 4, 5, 6, generator=g)
+    sampler, scheduler = make_sampler(name, torch.Generator().manual_seed(5), 10), diffusers_scheduler(name, 10)
+    ours, theirs = noise * sampler.init_noise_sigma, noise * scheduler.init_noise_sigma
+    generator = torch.Generator().manual_seed(5)
+    takes_generator = "generator" in inspect.signature(scheduler.step).parameters
+    for i, t in enumerate(scheduler.timesteps):
+        ours = sampler.step(i, ours, fake_unet)
+        out = scheduler.step(fake_unet(scheduler.scale_model_input(theirs, t), t), t, theirs,
+                             **({"generator": generator} if takes_generator else {}))
+        theirs = out.prev_sample
+        scale = out.pred_original_sample.abs().max().item()
+        assert (sampler.pred_original - out.pred_original_sample).abs().max().item() <= RTOL * scale, (name, i)
 
 
 @pytest.mark.parametrize("bad", [-0.5, "1", True])
