@@ -9,6 +9,9 @@ The public API, imported on first use so that `import sd` stays quick:
     sd.save_standard_weights(models, path)
     sd.generate(prompt, models=..., ...)                          -> list of PIL images
     sd.load_tokenizer(), sd.tokenize(prompts)                     -> CLIPTokenizer, token ids (B, 77)
+    sd.AttentionMaps()          generate(..., attention_maps=...) fills it with per-token cross-attention maps
+    sd.LatentPreview.for_models(models)(latents)                  -> cheap RGB previews of latents
+Submodules (sd.pipeline, sd.samplers, sd.schedule, ...) are imported on first use too.
 """
 
 import importlib
@@ -19,6 +22,13 @@ _API = {
     "generate": "pipeline",
     "load_tokenizer": "tokenizer",
     "tokenize": "tokenizer",
+    "AttentionMaps": "attention_maps",
+    "LatentPreview": "preview",
+}
+_SUBMODULES = {
+    "attention", "attention_maps", "checkpoint_io", "cli", "clip", "datasets", "ddim", "ddpm", "decoder", "diffusion",
+    "dpm_solver", "encoder", "euler", "heun", "lms", "model_converter", "model_loader", "pipeline", "preview",
+    "samplers", "schedule", "tokenizer", "train",
 }
 __all__ = list(_API)
 
@@ -26,4 +36,6 @@ __all__ = list(_API)
 def __getattr__(name: str):
     if name in _API:
         return getattr(importlib.import_module(f".{_API[name]}", __name__), name)
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'sd' has no attribute {name!r}")
