@@ -82,6 +82,8 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, mps or auto (default)")
     p.add_argument("--dtype", default="float32", choices=DTYPES)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--preview", type=Path, default=None,
+                   help="PNG rewritten after every step with a cheap preview of the predicted image (watch it in a viewer)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,6 +127,25 @@ def _open_image(path: Path, what: str):
         raise ValueError(f"{what} {path} is not an image PIL can read") from None
 
 
+def _preview_writer(models, path: Path, width: int, height: int):
+    """A generate() callback that writes the linear latent preview of x̂_0 (the images side by side) to path."""
+    from PIL import Image
+
+    from .preview import LatentPreview
+
+    preview = LatentPreview.for_models(models)
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(i, t, latents, pred_original):
+        frames = preview(pred_original, size=(width, height))
+        strip = Image.new("RGB", (width * len(frames), height))
+        for k, frame in enumerate(frames):
+            strip.paste(frame, (k * width, 0))
+        strip.save(path, format="PNG")
+
+    return write
+
+
 def run_generation(args: argparse.Namespace) -> list[Path]:
     import random
 
@@ -148,11 +169,12 @@ def run_generation(args: argparse.Namespace) -> list[Path]:
     print(f"sd: {label} {checkpoint} on {device}, {args.sampler} {args.steps} steps, seed {seed}", file=sys.stderr)
 
     models = preload_models_from_standard_weights(checkpoint, device=device, dtype=getattr(torch, args.dtype))
+    show = _preview_writer(models, args.preview, width, height) if args.preview else None
     images = generate(args.prompt, negative_prompt=args.negative_prompt, input_image=image, mask_image=mask,
                       strength=getattr(args, "strength", 0.8), cfg_scale=args.cfg_scale, sampler_name=args.sampler,
                       n_inference_steps=args.steps, models=models, seed=seed, device=device, height=height,
                       width=width, num_images=args.num_images, paste_back=getattr(args, "paste_back", False),
-                      progress=not args.quiet)
+                      progress=not args.quiet, callback=show)
     digest = model_hash(checkpoint)
     output = Path(args.output)
     paths = []

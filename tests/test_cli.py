@@ -36,6 +36,23 @@ def test_generate_writes_a_png_with_parameters(checkpoint, tmp_path, capsys):
     assert np.array_equal(np.asarray(Image.open(again)), np.asarray(image))
 
 
+def test_preview_file_is_written_during_generation(checkpoint, tmp_path, monkeypatch):
+    import sd.cli
+
+    writes = []
+    real = sd.cli._preview_writer
+
+    def counting(*args):
+        write = real(*args)
+        return lambda *step: (write(*step), writes.append(Image.open(args[1]).size))
+
+    monkeypatch.setattr(sd.cli, "_preview_writer", counting)
+    preview = tmp_path / "watch" / "preview.png"
+    code = main(["generate", "a cat", "-o", str(tmp_path / "cat.png"), "--checkpoint", str(checkpoint), "--seed", "1",
+                 "--steps", "3", "--num-images", "2", "--preview", str(preview), "--quiet"])
+    assert code == 0 and writes == [(32, 16)] * 3  # every step, both images side by side at the output size
+
+
 def test_img2img_inpaint_and_batches(checkpoint, tmp_path):
     start = tmp_path / "start.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(start)
