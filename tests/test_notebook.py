@@ -1,6 +1,6 @@
 """demo.ipynb, the teaching notebook: the committed copy is what scripts/make_demo_notebook.py builds, with every code
-cell's output and no errors; and the notebook runs again from top to bottom in the repository root (a few minutes on
-a 2-core CPU with the embedded model), every code cell giving output and every section its pictures."""
+cell's output and no errors; and the notebook runs again from top to bottom (about two minutes on a 2-core CPU with
+the embedded model), every code cell giving output and every picture drawn again."""
 
 import copy
 import importlib.util
@@ -8,11 +8,10 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "demo.ipynb"
-CELL_TIMEOUT = 600  # seconds; the slowest cell (training) takes about a minute
+MAX_BYTES = 1_500_000  # pictures at modest size and dpi keep the file light to read on GitHub
 
 
 def load_builder():
@@ -26,8 +25,13 @@ def code_cells(nb):
     return [cell for cell in nb.cells if cell.cell_type == "code"]
 
 
-def images(cell) -> int:
+def pictures(cell) -> int:
     return sum("image/png" in output.get("data", {}) for output in cell.outputs)
+
+
+@pytest.fixture(scope="module")
+def builder():
+    return load_builder()
 
 
 @pytest.fixture(scope="module")
@@ -35,10 +39,10 @@ def committed():
     return nbformat.read(str(NOTEBOOK), as_version=4)
 
 
-def test_committed_notebook_is_what_the_builder_writes(committed):
-    built = load_builder().build()
+def test_committed_notebook_is_what_the_builder_writes(builder, committed):
+    built = builder.build()
     assert [(c.cell_type, c.source) for c in committed.cells] == [(c.cell_type, c.source) for c in built.cells], \
-        "demo.ipynb differs from scripts/make_demo_notebook.py: edit the script and run it"
+        "demo.ipynb differs from the cells of scripts/make_demo_notebook.py: edit the script and run it"
 
 
 def test_committed_notebook_has_every_output_and_no_error(committed):
@@ -49,28 +53,22 @@ def test_committed_notebook_has_every_output_and_no_error(committed):
         for output in cell.outputs:
             assert output.output_type != "error", f"code cell {i}: {output.get('ename')}: {output.get('evalue')}"
             assert output.get("name") != "stderr", f"code cell {i} wrote to stderr: {output.get('text', '')[:300]}"
+    setup_output = "".join(output.get("text", "") for output in code_cells(committed)[0].outputs)
+    assert "weights/sd-shapes.safetensors" in setup_output  # built with the embedded model, as CI runs it
     sections = [c for c in committed.cells if c.cell_type == "markdown" and c.source.startswith("## ")]
-    assert sum(images(cell) for cell in code_cells(committed)) >= len(sections) - 1  # "Where next" has none
-    assert "weights/sd-shapes.safetensors" in "".join(o.get("text", "") for o in code_cells(committed)[0].outputs), \
-        "build the committed notebook with the embedded model, which CI runs too (move the SD 1.5 weights aside)"
-    assert NOTEBOOK.stat().st_size < 1_500_000  # pictures at modest size and dpi: the file stays light on GitHub
+    assert sum(pictures(cell) for cell in code_cells(committed)) >= len(sections) - 1  # "Where next" has none
+    assert NOTEBOOK.stat().st_size < MAX_BYTES
 
 
-def test_notebook_runs_top_to_bottom(committed, tmp_path, monkeypatch):
-    # The kernel runs this interpreter (ipykernel's own spec for sys.executable), not whatever "python3" kernel a
-    # user-wide Jupyter set-up names: JUPYTER_PATH comes first in the kernel search.
-    from ipykernel.kernelspec import write_kernel_spec
-
-    write_kernel_spec(str(tmp_path / "kernels" / "python3"))
-    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path))
-
+def test_notebook_runs_top_to_bottom(builder, committed):
     nb = copy.deepcopy(committed)
     for cell in code_cells(nb):
         cell.outputs, cell.execution_count = [], None
-    # Raises CellExecutionError, naming the cell and the exception, as soon as a cell raises.
-    NotebookClient(nb, timeout=CELL_TIMEOUT, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
+    # nbclient with a "python3" kernel of this interpreter, a per-cell timeout, the embedded model in weights/;
+    # raises CellExecutionError, naming the cell and its exception, as soon as a cell raises.
+    builder.execute(nb)
 
     for i, (ran, kept) in enumerate(zip(code_cells(nb), code_cells(committed))):
         assert ran.outputs, f"code cell {i} gave no output"
         assert not [o for o in ran.outputs if o.output_type == "error"], f"code cell {i} gave an error output"
-        assert images(ran) == images(kept), f"code cell {i} drew {images(ran)} pictures, the committed one {images(kept)}"
+        assert pictures(ran) == pictures(kept), f"code cell {i} drew {pictures(ran)} pictures, the committed one {pictures(kept)}"
