@@ -15,6 +15,7 @@ Submodules (sd.pipeline, sd.samplers, sd.schedule, ...) are imported on first us
 """
 
 import importlib
+from pathlib import Path
 
 _API = {
     "preload_models_from_standard_weights": "model_loader",
@@ -25,11 +26,7 @@ _API = {
     "AttentionMaps": "attention_maps",
     "LatentPreview": "preview",
 }
-_SUBMODULES = {
-    "attention", "attention_maps", "checkpoint_io", "cli", "clip", "datasets", "ddim", "ddpm", "decoder", "diffusion",
-    "dpm_solver", "encoder", "euler", "heun", "lms", "model_converter", "model_loader", "pipeline", "preview",
-    "samplers", "schedule", "tokenizer", "train",
-}
+_SUBMODULES = {p.stem for p in Path(__file__).parent.glob("*.py")} - {"__init__", "__main__"}
 __all__ = list(_API)
 
 

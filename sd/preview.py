@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from .decoder import VAEConfig
+from .pipeline import to_uint8
 
 # SD 1.x's VAE: (4, 3), from the scaled latents (the UNet's, latent_scale applied) to RGB in about [-1, 1].
 SD15_LATENT_RGB_FACTORS = (
@@ -73,7 +74,5 @@ class LatentPreview:
 
     def __call__(self, latents: torch.Tensor, size: tuple[int, int] | None = None) -> list[Image.Image]:
         """PIL images at the latents' resolution, or resized to size = (width, height)."""
-        from .pipeline import to_uint8
-
         images = [Image.fromarray(a) for a in to_uint8(self.rgb(latents))]
         return images if size is None else [image.resize(size, Image.BILINEAR) for image in images]
