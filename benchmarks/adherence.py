@@ -1,7 +1,7 @@
 """Prompt adherence of a checkpoint on the shapes prompts: does the picture show the asked shape, colour and background?
 
-Generates one image per prompt of sd.datasets.ADHERENCE_PROMPTS (24 shape x colour x background triples) with and
-without classifier-free guidance, reads each back with sd.datasets.describe, and prints the rates and a table
+Generates one image per prompt of sd.training.datasets.ADHERENCE_PROMPTS (24 shape x colour x background triples) with and
+without classifier-free guidance, reads each back with sd.training.datasets.describe, and prints the rates and a table
 (the README's). Default checkpoint: the embedded model. Not run in CI (tests/test_embedded_model.py asserts the rate).
 Run: python benchmarks/adherence.py [--checkpoint weights/sd-shapes.safetensors] [--seeds 0 1 2]
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from sd.cli import EMBEDDED_CHECKPOINT
-from sd.datasets import ADHERENCE_PROMPTS, caption, describe
+from sd.training.datasets import ADHERENCE_PROMPTS, caption, describe
 from sd.model_loader import preload_models_from_standard_weights
 from sd.pipeline import generate
 
@@ -24,7 +24,7 @@ def adherence(models, prompts, seed: int, cfg_scale: float | None, steps: int = 
     Returns, per prompt, what was asked, what was seen, and whether each part matches."""
     texts = [caption(*p) for p in prompts]
     images = generate(texts, models=models, seed=seed, n_inference_steps=steps, sampler_name=sampler, height=size,
-                      width=size, do_cfg=cfg_scale is not None, cfg_scale=cfg_scale or 1.0, progress=False)
+                      width=size, do_cfg=cfg_scale is not None, cfg_scale=cfg_scale or 1.0, progress=False, output_type="pil")
     rows = []
     for (shape, colour, background), image in zip(prompts, images):
         seen = describe(image)

@@ -12,11 +12,11 @@ import time
 
 import torch
 
-from sd.attention_maps import AttentionMaps
+from sd.inspect.attention_maps import AttentionMaps
 from sd.cli import EMBEDDED_CHECKPOINT
 from sd.model_loader import checkpoint_image_size, preload_models_from_standard_weights
 from sd.pipeline import generate
-from sd.preview import LatentPreview
+from sd.inspect.preview import LatentPreview
 
 
 def best_time(run, repeats: int) -> float:
@@ -43,12 +43,12 @@ def main() -> None:
                   sampler_name="ddim", height=size, width=size, progress=False)
     frames = []
     cases = {
-        "plain": lambda: generate(**common),
-        "callback + preview": lambda: generate(**common, callback=lambda i, t, x, x0: frames.append(preview(x0))),
-        "attention maps": lambda: generate(**common, attention_maps=AttentionMaps()),
-        "guidance_fn": lambda: generate(**common, guidance_fn=lambda images: images[:, 2].mean()),
+        "plain": lambda: generate(**common, output_type="pil"),
+        "callback + preview": lambda: generate(**common, callback=lambda i, t, x, x0: frames.append(preview(x0)), output_type="pil"),
+        "attention maps": lambda: generate(**common, attention_maps=AttentionMaps(), output_type="pil"),
+        "guidance_fn": lambda: generate(**common, guidance_fn=lambda images: images[:, 2].mean(), output_type="pil"),
     }
-    generate(**common)  # warm-up
+    generate(**common, output_type="pil")  # warm-up
     base = None
     print(f"{args.checkpoint}, {size}x{size}, {args.steps} DDIM steps, best of {args.repeats}, "
           f"{torch.get_num_threads()} threads")

@@ -84,7 +84,7 @@ print(f"{CHECKPOINT} on {DEVICE}: {SIZE}x{SIZE} pictures from {LATENT_SIZE}x{LAT
     ("md", r"""
 Two small helpers: `show` draws pictures in a grid, `decode` turns latents into pictures with the VAE decoder.
 Everything else in this notebook is the library's own API: `sd.generate(...)` and the modules in `sd/`. To try
-`show`: a few of the pictures the small model learned from (`sd.datasets.ShapesDataset`), with their captions.
+`show`: a few of the pictures the small model learned from (`sd.training.datasets.ShapesDataset`), with their captions.
 """),
     ("code", r"""
 def show(images, titles=None, ncols=None, row_labels=None, size=1.4, title=None):
@@ -118,7 +118,7 @@ def decode(latents):
 # What every sd.generate call below shares; progress=False keeps the outputs free of progress bars.
 COMMON = dict(models=models, height=SIZE, width=SIZE, progress=False)
 
-from sd.datasets import ShapesDataset
+from sd.training.datasets import ShapesDataset
 
 examples = [ShapesDataset(size=64)[i] for i in range(6)]  # (image (3, 64, 64) in [-1, 1], caption)
 show(to_uint8(torch.stack([image for image, _ in examples])),
@@ -173,7 +173,7 @@ the noise to the VAE's latents, not to the pixels, and the bottom row shows what
 latents. Either way, at t = 999 nothing of the picture is left: that is where generating a picture starts.
 """),
     ("code", r"""
-from sd.datasets import draw
+from sd.training.datasets import draw
 from sd.ddpm import DDPMSampler
 
 picture = draw("circle", "red", "blue", size=SIZE)   # a flat red disc on blue, like the training pictures
@@ -238,7 +238,7 @@ VAE the linear map explains only about three quarters of the colours, so its pre
 shows all the same.
 """),
     ("code", r"""
-from sd.preview import LatentPreview
+from sd.inspect.preview import LatentPreview
 
 preview = LatentPreview.for_models(models)
 steps = list(range(1, 20, 2))
@@ -404,7 +404,7 @@ word most; each map is scaled to its own maximum). Much of the attention goes to
 works as a "nothing in particular" slot; it is left out here.
 """),
     ("code", r"""
-from sd.attention_maps import AttentionMaps
+from sd.inspect.attention_maps import AttentionMaps
 
 prompt = "a red circle on a blue background"
 maps = AttentionMaps()
@@ -513,9 +513,9 @@ two on a CPU. The shipped model was trained the same way (3000 steps, 40 minutes
     ("code", r"""
 import tempfile
 
-from sd.datasets import ShapesDataset
+from sd.training.datasets import ShapesDataset
 from sd.diffusion import Diffusion, DiffusionConfig
-from sd.train import TrainConfig, checkpoint_path, load_ema, train_diffusion
+from sd.training.train import TrainConfig, checkpoint_path, load_ema, train_diffusion
 
 # The small model's VAE and text encoder (whatever CHECKPOINT is), and a new UNet with random weights:
 # SD's architecture, two levels instead of four, 32 channels instead of 320.

@@ -10,7 +10,7 @@ import hashlib
 import sys
 from pathlib import Path
 
-# The embedded model: trained on CPU on sd.datasets' shapes (see weights/README.md for the command).
+# The embedded model: trained on CPU on sd.training.datasets' shapes (see weights/README.md for the command).
 EMBEDDED_CHECKPOINT = Path(__file__).resolve().parents[1] / "weights" / "sd-shapes.safetensors"
 HASH_LIMIT = 512 * 2**20  # hash checkpoints up to this size for the metadata (hashing 4 GB takes a while)
 
@@ -131,7 +131,7 @@ def _preview_writer(models, path: Path, width: int, height: int):
     """A generate() callback that writes the linear latent preview of x̂_0 (the images side by side) to path."""
     from PIL import Image
 
-    from .preview import LatentPreview
+    from .inspect.preview import LatentPreview
 
     preview = LatentPreview.for_models(models)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -174,7 +174,7 @@ def run_generation(args: argparse.Namespace) -> list[Path]:
                       strength=getattr(args, "strength", 0.8), cfg_scale=args.cfg_scale, sampler_name=args.sampler,
                       n_inference_steps=args.steps, models=models, seed=seed, device=device, height=height,
                       width=width, num_images=args.num_images, paste_back=getattr(args, "paste_back", False),
-                      progress=not args.quiet, callback=show)
+                      progress=not args.quiet, callback=show, output_type="pil")
     digest = model_hash(checkpoint)
     output = Path(args.output)
     paths = []
@@ -195,7 +195,7 @@ def run_generation(args: argparse.Namespace) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["train"]:
-        from .train import main as train_main
+        from .training.train import main as train_main
 
         return train_main(argv[1:]) or 0
     args = build_parser().parse_args(argv)

@@ -6,10 +6,22 @@ clip_sample False, variance "fixed_small"), which our steps match to float preci
 Reference: Ho et al. 2020, "Denoising Diffusion Probabilistic Models", eqs. (4), (6), (7), (15).
 """
 
+from collections.abc import Callable
+
 import torch
 
-from .samplers import NoiseModel, randn_like
 from .schedule import N_TRAINING_STEPS, BETA_END, BETA_START, leading_timesteps, make_alphas_cumprod, make_betas, start_step
+
+# model(x_in, t) -> ε̂: the UNet with the prompt's context and guidance applied, as the pipeline builds it.
+# Every sampler (sd.samplers) calls its model through this one interface.
+NoiseModel = Callable[[torch.Tensor, torch.Tensor | int | float], torch.Tensor]
+
+
+def randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """N(0, I) noise of x's shape and dtype, drawn on the generator's device (so a CPU seed gives the same
+    numbers whatever device x is on), then moved to x's device."""
+    device = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=device).to(x.device)
 
 
 class DDPMSampler:

@@ -8,6 +8,8 @@ Reference: Ho et al. 2020, "Denoising Diffusion Probabilistic Models", eq. (4): 
 
 import torch
 
+from .checks import is_int, is_number
+
 N_TRAINING_STEPS = 1000  # v1-inference.yaml: timesteps
 BETA_START = 0.00085     # v1-inference.yaml: linear_start
 BETA_END = 0.0120        # v1-inference.yaml: linear_end
@@ -25,7 +27,7 @@ def make_alphas_cumprod(betas: torch.Tensor) -> torch.Tensor:
 
 
 def check_n_inference_steps(n_inference_steps, n_training_steps: int = N_TRAINING_STEPS) -> None:
-    if not isinstance(n_inference_steps, int) or isinstance(n_inference_steps, bool) or not 0 < n_inference_steps <= n_training_steps:
+    if not is_int(n_inference_steps) or not 0 < n_inference_steps <= n_training_steps:
         raise ValueError(f"n_inference_steps must be an integer from 1 to {n_training_steps}, got {n_inference_steps!r}")
 
 
@@ -40,7 +42,7 @@ def leading_timesteps(n_inference_steps: int, n_training_steps: int = N_TRAINING
 def start_step(n_inference_steps: int, strength: float) -> int:
     """Image-to-image: how many of the first (noisiest) steps to skip. strength 1 skips none (pure noise);
     strength 0.5 starts half-way. As diffusers: int(n * strength) steps are run."""
-    if not isinstance(strength, (int, float)) or isinstance(strength, bool) or not 0 < strength <= 1:
+    if not is_number(strength) or not 0 < strength <= 1:
         raise ValueError(f"strength must be a number in (0, 1], got {strength!r}")
     return n_inference_steps - min(int(n_inference_steps * strength), n_inference_steps)
 

@@ -1,4 +1,4 @@
-"""Cross-attention maps (sd.attention_maps): the same probabilities as diffusers' UNet computes for the same weights,
+"""Cross-attention maps (sd.inspect.attention_maps): the same probabilities as diffusers' UNet computes for the same weights,
 one map per token that sums as documented, only the prompt half under guidance, and no hook left behind."""
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from reference import diffusers_unet, random_models, tiny_configs
-from sd.attention_maps import AttentionMaps, record_cross_attention
+from sd.inspect.attention_maps import AttentionMaps, record_cross_attention
 from sd.model_converter import to_standard_weights
 from sd.pipeline import generate
 from sd.tokenizer import load_tokenizer, tokenize
@@ -78,9 +78,9 @@ def test_generate_fills_one_map_per_token_that_sums_to_one(tiny):
     models, _ = tiny
     maps = AttentionMaps()
     prompts = ["a red circle", "two blue squares on white"]
-    plain = generate(prompts, models=models, seed=3, n_inference_steps=3, height=H, width=W, num_images=2, progress=False)
+    plain = generate(prompts, models=models, seed=3, n_inference_steps=3, height=H, width=W, num_images=2, progress=False, output_type="pil")
     images = generate(prompts, models=models, seed=3, n_inference_steps=3, height=H, width=W, num_images=2,
-                      progress=False, attention_maps=maps)
+                      progress=False, attention_maps=maps, output_type="pil")
     assert [im.tobytes() for im in images] == [im.tobytes() for im in plain]  # recording changes nothing
     assert maps.maps.shape == (4, 77, H // 2, W // 2) and maps.maps.dtype == torch.float32 and len(maps) == 4
     assert (maps.maps >= 0).all()
@@ -119,7 +119,7 @@ def test_no_hook_is_left_behind_when_generation_fails(tiny):
     maps = AttentionMaps()
     with pytest.raises(KeyboardInterrupt):
         generate("a cat", models=models, seed=0, n_inference_steps=3, height=H, width=W, progress=False,
-                 attention_maps=maps, callback=stop)
+                 attention_maps=maps, callback=stop, output_type="pil")
     assert hooks_of(models) == 0
     assert maps.maps is None  # nothing half-filled
     with pytest.raises(RuntimeError, match="no maps yet"):
@@ -136,6 +136,6 @@ def test_misuse_is_explained(tiny):
             pass
         recorded.mean()
     maps = AttentionMaps()
-    generate("a cat", models=models, seed=0, n_inference_steps=1, height=H, width=W, progress=False, attention_maps=maps)
+    generate("a cat", models=models, seed=0, n_inference_steps=1, height=H, width=W, progress=False, attention_maps=maps, output_type="pil")
     with pytest.raises(IndexError, match="image index 1 out of range: 1 images were generated"):
         maps.words(1)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
-from sd.datasets import (ADHERENCE_PROMPTS, COLOURS, MIN_SIZE, RADIUS_RANGE, SHAPES, ShapesDataset, caption, describe, draw,
+from sd.training.datasets import (ADHERENCE_PROMPTS, COLOURS, MIN_SIZE, RADIUS_RANGE, SHAPES, ShapesDataset, caption, describe, draw,
                          matches, prompts_grid)
 
 N_CHECKED = 500        # items per accuracy or invariant check

@@ -1,4 +1,4 @@
-"""The model the project ships (weights/sd-shapes.safetensors, trained by `sd train` on sd.datasets' shapes):
+"""The model the project ships (weights/sd-shapes.safetensors, trained by `sd train` on sd.training.datasets' shapes):
 it loads like any checkpoint, follows its prompts, and image-to-image and inpainting work with it."""
 
 import subprocess
@@ -11,7 +11,7 @@ from PIL import Image
 
 from sd.checkpoint_io import open_checkpoint
 from sd.cli import EMBEDDED_CHECKPOINT, parse_a1111_parameters
-from sd.datasets import ADHERENCE_PROMPTS, COLOURS, caption, describe, draw
+from sd.training.datasets import ADHERENCE_PROMPTS, COLOURS, caption, describe, draw
 from sd.model_loader import CONFIG_METADATA_KEY, IMAGE_SIZE_METADATA_KEY, preload_models_from_standard_weights
 from sd.pipeline import generate
 
@@ -38,7 +38,7 @@ def adherence_rate(models, cfg: bool) -> float:
     hits = 0
     for seed in SEEDS:
         images = generate(texts, models=models, seed=seed, n_inference_steps=STEPS, sampler_name="dpmpp_2m_karras",
-                          height=SIZE, width=SIZE, do_cfg=cfg, progress=False)
+                          height=SIZE, width=SIZE, do_cfg=cfg, progress=False, output_type="pil")
         hits += sum(describe(im) == dict(zip(("shape", "colour", "background"), p))
                     for im, p in zip(images, ADHERENCE_PROMPTS))
     return hits / (len(SEEDS) * len(ADHERENCE_PROMPTS))
@@ -62,7 +62,7 @@ def palette_map(image: Image.Image) -> np.ndarray:
 def test_image_to_image_changes_what_the_prompt_changes(models):
     start = draw("circle", "red", "blue", size=SIZE, center=(32, 32), radius=18)
     out = generate(caption("circle", "yellow", "blue"), models=models, input_image=start, strength=0.7, seed=3,
-                   n_inference_steps=STEPS, sampler_name="dpmpp_2m_karras", height=SIZE, width=SIZE, progress=False)[0]
+                   n_inference_steps=STEPS, sampler_name="dpmpp_2m_karras", height=SIZE, width=SIZE, progress=False, output_type="pil")[0]
     seen = describe(out)
     assert seen["colour"] == "yellow" and seen["background"] == "blue", seen
 
@@ -75,7 +75,7 @@ def test_inpainting_repaints_the_masked_region_only(models):
     mask[12:52, 12:52] = 255
     out = generate(caption("triangle", "green", "white"), models=models, input_image=start,
                    mask_image=Image.fromarray(mask), strength=1.0, seed=4, n_inference_steps=STEPS,
-                   sampler_name="dpmpp_2m_karras", height=SIZE, width=SIZE, progress=False)[0]
+                   sampler_name="dpmpp_2m_karras", height=SIZE, width=SIZE, progress=False, output_type="pil")[0]
     names = list(COLOURS)
     before, after = palette_map(start), palette_map(out)
     inside, outside = mask > 0, mask == 0

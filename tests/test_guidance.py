@@ -37,8 +37,8 @@ def test_scale_zero_changes_nothing_and_models_stay_clean(tiny, sampler):
         seen.append((tuple(images.shape), images.requires_grad, -0.5 < images.mean().item() < 1.5))
         return images.mean()
 
-    plain = generate(**common)
-    guided = generate(**common, guidance_fn=loss, guidance_fn_scale=0.0)
+    plain = generate(**common, output_type="pil")
+    guided = generate(**common, guidance_fn=loss, guidance_fn_scale=0.0, output_type="pil")
     assert [im.tobytes() for im in guided] == [im.tobytes() for im in plain]
     evaluations = 5 if sampler == "heun" else 3  # Heun: 2 per step but the last
     assert seen == [((1, 3, H, W), True, True)] * evaluations
@@ -48,8 +48,8 @@ def test_scale_zero_changes_nothing_and_models_stay_clean(tiny, sampler):
 def test_the_gradient_steers_the_image(tiny):
     common = dict(prompt="a cat", models=tiny, seed=2, n_inference_steps=4, height=H, width=W, progress=False,
                   sampler_name="ddim", num_images=2)
-    plain = mean_colour(generate(**common))
-    guided = mean_colour(generate(**common, guidance_fn=toward(2), guidance_fn_scale=2000.0))
+    plain = mean_colour(generate(**common, output_type="pil"))
+    guided = mean_colour(generate(**common, guidance_fn=toward(2), guidance_fn_scale=2000.0, output_type="pil"))
     assert guided[2] > plain[2] + 10
 
 
@@ -61,8 +61,8 @@ def test_colour_guidance_on_the_embedded_model(channel):
     common = dict(prompt="a green square on a black background", models=models, n_inference_steps=20, height=64,
                   width=64, progress=False, sampler_name="ddim")
     for seed in (0, 1):
-        plain = mean_colour(generate(**common, seed=seed))
-        guided = mean_colour(generate(**common, seed=seed, guidance_fn=toward(channel), guidance_fn_scale=1000.0))
+        plain = mean_colour(generate(**common, seed=seed, output_type="pil"))
+        guided = mean_colour(generate(**common, seed=seed, guidance_fn=toward(channel), guidance_fn_scale=1000.0, output_type="pil"))
         assert guided[channel] > plain[channel] + 20, (seed, plain, guided)
 
 
@@ -72,4 +72,4 @@ def test_colour_guidance_on_the_embedded_model(channel):
 ])
 def test_a_loss_of_the_wrong_shape_is_explained(tiny, loss, message):
     with pytest.raises(ValueError, match=message):
-        generate("a cat", models=tiny, seed=0, n_inference_steps=2, height=H, width=W, progress=False, guidance_fn=loss)
+        generate("a cat", models=tiny, seed=0, n_inference_steps=2, height=H, width=W, progress=False, guidance_fn=loss, output_type="pil")

@@ -67,7 +67,7 @@ PROMPTS = ["a red circle on a blue background", "a photo of a cat"]
 def test_txt2img_matches_diffusers(tiny, reference, cfg):
     models, _, _ = tiny
     ours = generate(PROMPTS, models=models, seed=42, n_inference_steps=STEPS, height=H, width=W,
-                    do_cfg=cfg, cfg_scale=7.5, negative_prompt="blurry", progress=False)
+                    do_cfg=cfg, cfg_scale=7.5, negative_prompt="blurry", progress=False, output_type="pil")
     theirs = reference[0](PROMPTS, negative_prompt=["blurry"] * 2, height=H, width=W, num_inference_steps=STEPS,
                           guidance_scale=7.5 if cfg else 1.0, generator=torch.Generator().manual_seed(42), output_type="np")
     assert len(ours) == 2 and ours[0].size == (W, H) and ours[0].mode == "RGB"
@@ -80,7 +80,7 @@ def test_img2img_matches_diffusers(tiny, reference, cfg):
     models, _, _ = tiny
     start = photo(1)
     ours = generate(PROMPTS, models=models, input_image=start, strength=0.6, seed=7, n_inference_steps=STEPS,
-                    height=H, width=W, do_cfg=cfg, progress=False)
+                    height=H, width=W, do_cfg=cfg, progress=False, output_type="pil")
     theirs = reference[1](PROMPTS, image=start, strength=0.6, num_inference_steps=STEPS,
                           guidance_scale=7.5 if cfg else 1.0, generator=torch.Generator().manual_seed(7), output_type="np")
     assert np.abs(pixels(ours) - diffusers_pixels(theirs)).max() <= 1
@@ -107,7 +107,7 @@ def test_every_sampler_matches_diffusers_end_to_end(tiny, reference, sampler, mo
     pipe.set_progress_bar_config(disable=True)
     start = {"input_image": photo(8), "strength": 0.7} if mode == "img2img" else {}
     ours = generate(PROMPTS, models=models, seed=13, n_inference_steps=STEPS, height=H, width=W, progress=False,
-                    sampler_name=sampler, **start)
+                    sampler_name=sampler, **start, output_type="pil")
     extra = {"image": start["input_image"], "strength": 0.7} if start else {"height": H, "width": W}
     theirs = pipe(PROMPTS, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(13), output_type="np", **extra)
     assert np.abs(pixels(ours) - diffusers_pixels(theirs)).max() <= 1
@@ -115,7 +115,7 @@ def test_every_sampler_matches_diffusers_end_to_end(tiny, reference, sampler, mo
 
 def test_num_images_per_prompt_matches_diffusers(tiny, reference):
     models, _, _ = tiny
-    ours = generate("a cat", models=models, num_images=2, seed=3, n_inference_steps=3, height=H, width=W, progress=False)
+    ours = generate("a cat", models=models, num_images=2, seed=3, n_inference_steps=3, height=H, width=W, progress=False, output_type="pil")
     theirs = reference[0]("a cat", num_images_per_prompt=2, height=H, width=W, num_inference_steps=3,
                           generator=torch.Generator().manual_seed(3), output_type="np")
     assert np.abs(pixels(ours) - diffusers_pixels(theirs)).max() <= 1
@@ -128,14 +128,14 @@ def test_any_image_mode_and_size_is_accepted(tiny, mode):
     models, _, _ = tiny
     start = photo(6, size=(37, 23)).convert(mode)
     images = generate("a cat", models=models, input_image=start, mask_image=half_mask((37, 23)), seed=0,
-                      n_inference_steps=2, height=H, width=W, progress=False, paste_back=True)
+                      n_inference_steps=2, height=H, width=W, progress=False, paste_back=True, output_type="pil")
     expected = np.asarray(start.convert("RGB").resize((W, H), resample=Image.LANCZOS))
     assert images[0].size == (W, H) and np.array_equal(pixels(images)[0][:, :W // 2], expected[:, :W // 2])
 
 
 def test_seeds_reproduce_and_differ(tiny):
     models, _, _ = tiny
-    run = lambda **kw: pixels(generate("a cat", models=models, n_inference_steps=3, height=H, width=W, progress=False, **kw))
+    run = lambda **kw: pixels(generate("a cat", models=models, n_inference_steps=3, height=H, width=W, progress=False, **kw, output_type="pil"))
     assert np.array_equal(run(seed=5), run(seed=5))
     assert np.array_equal(run(seed=5), run(generator=torch.Generator().manual_seed(5)))
     assert not np.array_equal(run(seed=5), run(seed=6))
@@ -159,7 +159,7 @@ def test_inpainting_keeps_the_unmasked_region(tiny):
     last = []
     common = dict(models=models, input_image=start, mask_image=half_mask(), strength=1.0, seed=11,
                   n_inference_steps=STEPS, height=H, width=W, progress=False)
-    out = pixels(generate("a green triangle", callback=lambda i, t, x, x0: last.append(x.clone()), **common))[0]
+    out = pixels(generate("a green triangle", callback=lambda i, t, x, x0: last.append(x.clone()), **common, output_type="pil"))[0]
 
     with torch.no_grad():  # the pipeline's first random draw is the VAE's sample of the input image
         image = torch.from_numpy(original).permute(2, 0, 1)[None].float() / 255 * 2 - 1
@@ -170,7 +170,7 @@ def test_inpainting_keeps_the_unmasked_region(tiny):
     assert (final[..., W // 4:] - image_latents[..., W // 4:]).abs().mean() > 0.1  # repainted
     assert np.abs(out[:, W // 2:] - original[:, W // 2:]).mean() > 20
 
-    pasted = pixels(generate("a green triangle", paste_back=True, **common))[0]
+    pasted = pixels(generate("a green triangle", paste_back=True, **common, output_type="pil"))[0]
     assert np.array_equal(pasted[:, : W // 2], original[:, : W // 2])
     assert np.array_equal(pasted[:, W // 2:], out[:, W // 2:])
 
@@ -181,10 +181,10 @@ def test_inpainting_unet_gets_mask_and_masked_image(tmp_path):
     seen = []
     models["diffusion"].register_forward_pre_hook(lambda m, args: seen.append(args[0].shape))
     images = generate("a cat", models=models, input_image=photo(3), mask_image=half_mask(), seed=1, strength=1.0,
-                      n_inference_steps=2, height=H, width=W, progress=False)
+                      n_inference_steps=2, height=H, width=W, progress=False, output_type="pil")
     assert len(images) == 1 and seen == [(2, 9, H // 2, W // 2)] * 2
     with pytest.raises(ValueError, match="inpainting model"):
-        generate("a cat", models=models, n_inference_steps=2, height=H, width=W)
+        generate("a cat", models=models, n_inference_steps=2, height=H, width=W, output_type="pil")
 
 
 def test_callback_sees_every_step_and_inputs_stay_unchanged(tiny):
@@ -194,7 +194,7 @@ def test_callback_sees_every_step_and_inputs_stay_unchanged(tiny):
     prompts = ["a", "b"]
     calls = []
     generate(prompts, models=models, input_image=start, strength=0.5, seed=0, n_inference_steps=10, height=H, width=W,
-             progress=False, callback=lambda i, t, x, x0: calls.append((i, t, tuple(x.shape))))
+             progress=False, callback=lambda i, t, x, x0: calls.append((i, t, tuple(x.shape))), output_type="pil")
     assert [c[0] for c in calls] == list(range(5)) and calls[0][1] == 401 and calls[-1][1] == 1
     assert calls[0][2] == (2, 4, H // 2, W // 2)
     assert start.tobytes() == before and prompts == ["a", "b"]
@@ -203,7 +203,7 @@ def test_callback_sees_every_step_and_inputs_stay_unchanged(tiny):
 def test_long_prompts_are_truncated_with_a_warning(tiny):
     models, _, _ = tiny
     with pytest.warns(UserWarning, match="truncated"):
-        generate("a cat " * 60, models=models, seed=0, n_inference_steps=1, height=H, width=W, progress=False)
+        generate("a cat " * 60, models=models, seed=0, n_inference_steps=1, height=H, width=W, progress=False, output_type="pil")
 
 
 def test_to_uint8_rounds():
@@ -253,9 +253,8 @@ def untouchable(tiny):
     (dict(seed=1.5), ValueError, "seed must be an integer"),
     (dict(seed=1, generator=torch.Generator()), ValueError, "seed or generator"),
     (dict(paste_back=True), ValueError, "paste_back needs a mask_image"),
-    (dict(callback="print"), TypeError, r"callback must be callable as callback\(step_index, timestep, latents, pred_original\)"),
-    (dict(attention_maps={}), TypeError, "attention_maps must be an sd.attention_maps.AttentionMaps, got dict"),
-    (dict(guidance_fn=0.5), TypeError, "guidance_fn must be callable"),
+    (dict(output_type="png"), ValueError, "output_type must be one of np, pil, got 'png'"),
+    (dict(input_image="photo.png"), TypeError, r"input_image must be a PIL.Image.Image \(open a file with PIL.Image.open\)"),
     (dict(guidance_fn=lambda x: x.mean(), guidance_fn_scale="big"), ValueError, "guidance_fn_scale must be a number"),
     (dict(guidance_fn_scale=10.0), ValueError, "guidance_fn_scale is the scale of guidance_fn: give a guidance_fn"),
 ])
@@ -266,13 +265,41 @@ def test_bad_input_is_refused_before_any_model_runs(untouchable, kwargs, error, 
         generate(**args)
 
 
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(callback="print"), "'str' object is not callable"),
+    (dict(attention_maps={}), "'dict' object has no attribute 'recording'"),
+    (dict(guidance_fn=0.5), "'float' object is not callable"),
+])
+def test_wrong_kinds_of_object_fail_as_type_errors(tiny, kwargs, message):
+    """What a TypeError says well is not checked up front: a callback, attention recorder or guidance function of
+    the wrong kind fails at its first use, in the first step, as Python's own TypeError or AttributeError."""
+    models, _, _ = tiny
+    with pytest.raises((TypeError, AttributeError), match=message):
+        generate("a cat", models=models, n_inference_steps=1, height=H, width=W, progress=False, **kwargs)
+
+
+def test_output_types(tiny):
+    """"np" (the default, as the tutorial): one prompt string and one image give one (H, W, 3) uint8 array, so
+    Image.fromarray(output) works; a list of prompts or num_images > 1 give (B, H, W, 3); "pil": PIL images."""
+    models, _, _ = tiny
+    common = dict(models=models, seed=3, n_inference_steps=2, height=H, width=W, progress=False)
+    one = generate("a cat", **common)
+    assert isinstance(one, np.ndarray) and one.shape == (H, W, 3) and one.dtype == np.uint8
+    assert Image.fromarray(one).size == (W, H)
+    assert generate(["a cat"], **common).shape == (1, H, W, 3)
+    two = generate("a cat", num_images=2, **common)
+    assert two.shape == (2, H, W, 3)
+    pil = generate("a cat", num_images=2, output_type="pil", **common)
+    assert [im.size for im in pil] == [(W, H)] * 2 and np.array_equal(pixels(pil), two)
+
+
 @pytest.mark.parametrize("drop", ["clip", "diffusion", "decoder"])
 def test_models_missing_a_model(untouchable, drop):
     models = {k: v for k, v in untouchable.items() if k != drop}
     with pytest.raises(ValueError, match=f"models is missing \\['{drop}'\\]"):
-        generate("a cat", models=models, height=H, width=W)
+        generate("a cat", models=models, height=H, width=W, output_type="pil")
     with pytest.raises(ValueError, match="models is required"):
-        generate("a cat")
+        generate("a cat", output_type="pil")
 
 
 def test_idle_device_receives_each_model_after_use(tiny, monkeypatch):
@@ -289,11 +316,11 @@ def test_idle_device_receives_each_model_after_use(tiny, monkeypatch):
 
     monkeypatch.setattr(torch.nn.Module, "to", recording_to)
     generate("a cat", models=models, input_image=photo(5), seed=0, n_inference_steps=2, height=H, width=W,
-             device="cpu", idle_device="cpu", progress=False)
+             device="cpu", idle_device="cpu", progress=False, output_type="pil")
     assert moves == [("clip", "cpu"), ("clip", "cpu"), ("encoder", "cpu"), ("encoder", "cpu"),
                      ("diffusion", "cpu"), ("diffusion", "cpu"), ("decoder", "cpu"), ("decoder", "cpu")]
     moves.clear()
-    generate("a cat", models=models, seed=0, n_inference_steps=1, height=H, width=W, progress=False)
+    generate("a cat", models=models, seed=0, n_inference_steps=1, height=H, width=W, progress=False, output_type="pil")
     assert [m[0] for m in moves] == ["clip", "diffusion", "decoder"]  # to the device only: no idle_device given
 
 
@@ -306,7 +333,7 @@ def test_every_sampler_inpaints(tiny, sampler):
     last = []
     generate("a cat", models=models, input_image=start, mask_image=half_mask(), strength=0.8, seed=5,
              n_inference_steps=5, height=H, width=W, progress=False, sampler_name=sampler,
-             callback=lambda i, t, x, x0: last.append(x))
+             callback=lambda i, t, x, x0: last.append(x), output_type="pil")
     with torch.no_grad():
         image = torch.from_numpy(pixels([start])[0]).permute(2, 0, 1)[None].float() / 255 * 2 - 1
         image_latents = models["encoder"](image, torch.randn(1, 4, H // 2, W // 2, generator=torch.Generator().manual_seed(5)))
@@ -314,5 +341,5 @@ def test_every_sampler_inpaints(tiny, sampler):
 
     inpaint_models = random_models(tiny_configs(in_channels=9), seed=6)
     images = generate("a cat", models=inpaint_models, input_image=start, mask_image=half_mask(), seed=5,
-                      n_inference_steps=3, height=H, width=W, progress=False, sampler_name=sampler, paste_back=True)
+                      n_inference_steps=3, height=H, width=W, progress=False, sampler_name=sampler, paste_back=True, output_type="pil")
     assert np.array_equal(pixels(images)[0][:, : W // 2], pixels([start])[0][:, : W // 2])

@@ -1,4 +1,4 @@
-"""sd.preview.LatentPreview: SD 1.x's published factors, an exact least-squares fit where the VAE is linear, and a
+"""sd.inspect.preview.LatentPreview: SD 1.x's published factors, an exact least-squares fit where the VAE is linear, and a
 preview of the embedded model's latents close to what its decoder draws."""
 
 import pytest
@@ -7,11 +7,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from sd.cli import EMBEDDED_CHECKPOINT
-from sd.datasets import ShapesDataset
+from sd.training.datasets import ShapesDataset
 from sd.decoder import VAE_Decoder, VAEConfig
 from sd.model_loader import preload_models_from_standard_weights
 from sd.pipeline import generate
-from sd.preview import SD15_LATENT_RGB_FACTORS, LatentPreview
+from sd.inspect.preview import SD15_LATENT_RGB_FACTORS, LatentPreview
 
 
 def test_sd15_vae_gets_the_published_factors():
@@ -57,7 +57,7 @@ def test_embedded_model_preview_follows_the_decoder():
     finals = []
     generate(["a red circle on a blue background", "a yellow square on a black background"], models=models, seed=0,
              n_inference_steps=10, sampler_name="ddim", height=64, width=64, progress=False,
-             callback=lambda i, t, latents, pred_original: finals.append(pred_original))
+             callback=lambda i, t, latents, pred_original: finals.append(pred_original), output_type="pil")
     with torch.no_grad():
         decoded = F.adaptive_avg_pool2d(models["decoder"](finals[-1]), (16, 16))  # (2, 3, 16, 16)
     rgb = preview.rgb(finals[-1])

@@ -1,4 +1,4 @@
-"""Training loop (sd.train) on tiny models and a tiny dataset of coloured squares: the losses go down, a resumed run
+"""Training loop (sd.training.train) on tiny models and a tiny dataset of coloured squares: the losses go down, a resumed run
 continues exactly, the random draws and EMA behave as configured, and the export loads back."""
 
 import json
@@ -7,10 +7,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import sd.train
+import sd.training.train
 from reference import tiny_configs
 from sd.model_loader import build_models, preload_models_from_standard_weights
-from sd.train import (TrainConfig, VAETrainConfig, checkpoint_path, export, load_ema, train_diffusion,
+from sd.training.train import (TrainConfig, VAETrainConfig, checkpoint_path, export, load_ema, train_diffusion,
                       train_vae)
 
 COLOURS = {"red": (1.0, -1.0, -1.0), "green": (-1.0, 1.0, -1.0), "blue": (-1.0, -1.0, 1.0), "white": (1.0, 1.0, 1.0)}
@@ -80,8 +80,8 @@ def test_resume_continues_exactly(tmp_path):
 
 def test_caption_dropout_rate(tmp_path, monkeypatch):
     seen = []
-    real_tokenize = sd.train.tokenize
-    monkeypatch.setattr(sd.train, "tokenize", lambda captions, tokenizer=None: seen.extend(captions) or
+    real_tokenize = sd.training.train.tokenize
+    monkeypatch.setattr(sd.training.train, "tokenize", lambda captions, tokenizer=None: seen.extend(captions) or
                         real_tokenize(captions, tokenizer))
     train_diffusion(tiny_models(), Squares(), quick(steps=3, batch_size=50, caption_dropout=0.3), tmp_path,
                     progress=False)
@@ -187,7 +187,7 @@ def test_bad_vae_config_and_dataset_are_refused(tmp_path):
 def test_main_trains_and_exports(tmp_path):
     config = tmp_path / "configs.json"
     config.write_text(json.dumps({name: cfg.__dict__ for name, cfg in tiny_configs().items()}))
-    sd.train.main(["--out", str(tmp_path / "run"), "--steps", "2", "--vae-steps", "2", "--batch-size", "2",
+    sd.training.train.main(["--out", str(tmp_path / "run"), "--steps", "2", "--vae-steps", "2", "--batch-size", "2",
                    "--size", "16", "--config", str(config)])
     models = preload_models_from_standard_weights(tmp_path / "run" / "model.safetensors")
     assert models["diffusion"].config == tiny_configs()["diffusion"]

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import _split_heads
-from .diffusion import UNET_AttentionBlock
+from ..attention import _split_heads
+from ..diffusion import UNET_AttentionBlock
 
 START_TOKEN, END_TOKEN = "<|startoftext|>", "<|endoftext|>"
 WORD_END = "</w>"  # CLIP's BPE marks the last piece of a word so
@@ -110,6 +110,15 @@ class AttentionMaps:
     def __init__(self):
         self.maps: torch.Tensor | None = None
         self.tokens: list[list[str]] = []
+
+    @contextmanager
+    def recording(self, unet: nn.Module, rows: slice, ids: torch.Tensor, tokenizer) -> Iterator[None]:
+        """Fill maps and tokens from the cross-attention of every UNet call inside the block (what generate does).
+        rows: the UNet batch rows of the prompts whose token ids (B, 77) are `ids`."""
+        with record_cross_attention(unet, rows) as recorded:
+            yield
+        self.maps = recorded.mean().cpu()
+        self.tokens = token_strings(ids, tokenizer)
 
     def _check_index(self, b: int) -> None:
         if self.maps is None:

@@ -10,8 +10,9 @@ as they are; for any other VAE, W and b are fitted by least squares on images it
 import torch
 from PIL import Image
 
-from .decoder import VAEConfig
-from .pipeline import to_uint8
+from ..decoder import VAEConfig
+from ..pipeline import to_uint8
+from ..training.datasets import ShapesDataset
 
 # SD 1.x's VAE: (4, 3), from the scaled latents (the UNet's, latent_scale applied) to RGB in about [-1, 1].
 SD15_LATENT_RGB_FACTORS = (
@@ -56,11 +57,9 @@ class LatentPreview:
 
     @classmethod
     def for_models(cls, models) -> "LatentPreview":
-        """SD 1.x's factors for SD 1.x's VAE; otherwise fitted on sd.datasets' shapes through models["encoder"]."""
+        """SD 1.x's factors for SD 1.x's VAE; otherwise fitted on sd.training.datasets' shapes through models["encoder"]."""
         if models["decoder"].config == VAEConfig():
             return cls.sd15()
-        from .datasets import ShapesDataset
-
         dataset = ShapesDataset(size=FIT_IMAGE_SIZE)
         images = torch.stack([dataset[i][0] for i in range(FIT_IMAGES)])  # (N, 3, 64, 64) in [-1, 1]
         return cls.fit(models["encoder"], images)

@@ -7,7 +7,8 @@ of Diffusion-Based Generative Models", Algorithm 1 (deterministic sampling with 
 
 import torch
 
-from .samplers import NoiseModel, SigmaSampler
+from ..ddpm import NoiseModel
+from .base import SigmaSampler
 
 
 class HeunSampler(SigmaSampler):

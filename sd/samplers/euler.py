@@ -8,7 +8,8 @@ Models", Algorithm 1 (Euler steps of dx/dσ = (x - D(x; σ)) / σ).
 
 import torch
 
-from .samplers import NoiseModel, SigmaSampler, randn_like
+from ..ddpm import NoiseModel, randn_like
+from .base import SigmaSampler
 
 
 class EulerSampler(SigmaSampler):

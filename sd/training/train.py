@@ -30,14 +30,17 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .clip import CLIPConfig
-from .ddpm import DDPMSampler
-from .decoder import VAE_Decoder, VAEConfig
-from .diffusion import DiffusionConfig
-from .encoder import VAE_Encoder
-from .model_loader import IMAGE_SIZE_METADATA_KEY, build_models, configs_from_json, save_standard_weights
-from .schedule import N_TRAINING_STEPS
-from .tokenizer import tokenize
+from ..checks import is_int
+from ..clip import CLIPConfig
+from ..ddpm import DDPMSampler
+from ..decoder import VAE_Decoder, VAEConfig
+from ..diffusion import DiffusionConfig
+from ..encoder import VAE_Encoder
+from ..model_loader import IMAGE_SIZE_METADATA_KEY, build_models, configs_from_json, save_standard_weights
+from ..pipeline import generate
+from ..schedule import N_TRAINING_STEPS
+from ..tokenizer import tokenize
+from .datasets import ShapesDataset
 
 MIXED_PRECISION = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 SAMPLER = "ddim"  # for the periodic sample images: deterministic and good in few steps
@@ -67,10 +70,10 @@ class TrainConfig:
         object.__setattr__(self, "sample_prompts", tuple(self.sample_prompts))  # accept a list; JSON gives one
         problems = []
         for name in ("steps", "batch_size", "grad_accum", "sample_steps"):
-            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
+            if not is_int(getattr(self, name)) or getattr(self, name) < 1:
                 problems.append(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         for name in ("warmup_steps", "sample_every", "checkpoint_every", "seed"):
-            if not _is_int(getattr(self, name)) or getattr(self, name) < 0:
+            if not is_int(getattr(self, name)) or getattr(self, name) < 0:
                 problems.append(f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
         if not (isinstance(self.lr, (int, float)) and self.lr > 0):
             problems.append(f"lr must be a number > 0, got {self.lr!r}")
@@ -107,10 +110,6 @@ class VAETrainConfig(TrainConfig):
             raise ValueError(f"VAETrainConfig: kl_weight must be a number >= 0, got {self.kl_weight!r}")
         if self.reconstruction not in ("l1", "mse"):
             raise ValueError(f"VAETrainConfig: reconstruction must be 'l1' or 'mse', got {self.reconstruction!r}")
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 # --- the schedule and the randomness: pure functions of the step ---------------------------------------------------
@@ -376,11 +375,9 @@ def train_diffusion(models: dict[str, nn.Module], dataset, cfg: TrainConfig = Tr
         return F.mse_loss(prediction.float(), noise)
 
     def on_sample(ema, step):
-        from .pipeline import generate
-
         images = generate(list(cfg.sample_prompts), models={**models, **ema}, sampler_name=SAMPLER,
                           n_inference_steps=cfg.sample_steps, height=height, width=width, seed=cfg.seed,
-                          tokenizer=tokenizer, progress=False)
+                          tokenizer=tokenizer, progress=False, output_type="pil")
         (Path(out_dir) / "samples").mkdir(parents=True, exist_ok=True)
         for i, image in enumerate(images):
             image.save(Path(out_dir) / "samples" / f"step-{step}-{i}.png")
@@ -418,8 +415,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--mixed-precision", choices=list(MIXED_PRECISION), default="no")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
-    from .datasets import ShapesDataset
-
     configs = {**default_configs(), **(configs_from_json(args.config.read_text()) if args.config else {})}
     models = build_models(configs, device=args.device)
     dataset = ShapesDataset(100_000, size=args.size, seed=args.seed)

@@ -1,56 +1,18 @@
-"""What every sampler offers the pipeline's loop, the sigma-space base the k-diffusion samplers share, and the registry.
+"""The sigma-space base that the k-diffusion samplers (Euler, Heun, LMS, DPM++) share.
 
 Tutorial part: "DDPM sampler" generalised (the tutorial has DDPM only). A sampler's step gets its index i and
 the model as a function model(x_in, t) -> predicted noise; it scales the model input and chooses the timestep
-itself, and may call the model more than once (Heun). Classifier-free guidance, image-to-image strength and
-inpainting blending stay in the pipeline, so every sampler works with every mode. After each step,
-`sampler.pred_original` holds x̂_0, the clean latents predicted by the step's last model evaluation.
+itself, and may call the model more than once (Heun). After each step, `sampler.pred_original` holds x̂_0.
 References: Karras et al. 2022 (EDM, sigma space); Crowson, k-diffusion `sampling.py` (the samplers' form).
 """
 
-import importlib
-from collections.abc import Callable
-
 import torch
 
-from .schedule import (
-    N_TRAINING_STEPS, BETA_END, BETA_START, check_n_inference_steps, interpolate_sigmas, karras_sigmas, linspace_timesteps, make_alphas_cumprod,
+from ..ddpm import NoiseModel, randn_like
+from ..schedule import (
+    BETA_END, BETA_START, N_TRAINING_STEPS, interpolate_sigmas, karras_sigmas, linspace_timesteps, make_alphas_cumprod,
     make_betas, sigma_to_timestep, sigmas_from_alphas_cumprod, start_step,
 )
-
-# model(x_in, t) -> ε̂: the UNet with the prompt's context and guidance applied, as the pipeline builds it.
-NoiseModel = Callable[[torch.Tensor, torch.Tensor | int | float], torch.Tensor]
-
-# name -> (module, class, options). Every sampler is built as cls(generator, **options).
-SAMPLERS: dict[str, tuple[str, str, dict]] = {
-    "ddpm": ("sd.ddpm", "DDPMSampler", {}),
-    "ddim": ("sd.ddim", "DDIMSampler", {}),
-    "euler": ("sd.euler", "EulerSampler", {}),
-    "euler_karras": ("sd.euler", "EulerSampler", {"karras": True}),
-    "euler_a": ("sd.euler", "EulerAncestralSampler", {}),
-    "heun": ("sd.heun", "HeunSampler", {}),
-    "lms": ("sd.lms", "LMSSampler", {}),
-    "dpmpp_2m": ("sd.dpm_solver", "DPMSolverPP2MSampler", {}),
-    "dpmpp_2m_karras": ("sd.dpm_solver", "DPMSolverPP2MSampler", {"karras": True}),
-}
-
-
-def make_sampler(name: str, generator: torch.Generator | None = None, n_inference_steps: int = 50, **options):
-    """A fresh sampler by name (see SAMPLERS), with its timesteps set."""
-    if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; known: {', '.join(SAMPLERS)}")
-    check_n_inference_steps(n_inference_steps)  # every sampler, whatever its own spacing does
-    module, cls, defaults = SAMPLERS[name]
-    sampler = getattr(importlib.import_module(module), cls)(generator, **{**defaults, **options})
-    sampler.set_inference_timesteps(n_inference_steps)
-    return sampler
-
-
-def randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """N(0, I) noise of x's shape and dtype, drawn on the generator's device (so a CPU seed gives the same
-    numbers whatever device x is on), then moved to x's device."""
-    device = generator.device if generator is not None else x.device
-    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=device).to(x.device)
 
 
 class SigmaSampler:

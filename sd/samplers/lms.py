@@ -7,7 +7,8 @@ dx/dσ = (x - D(x; σ)) / σ) stepped with the classic Adams–Bashforth family 
 
 import torch
 
-from .samplers import NoiseModel, SigmaSampler
+from ..ddpm import NoiseModel
+from .base import SigmaSampler
 
 ORDER = 4  # k-diffusion sample_lms and diffusers' step(order=4) default
 

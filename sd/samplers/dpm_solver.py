@@ -7,8 +7,9 @@ Reference: Lu et al. 2022, "DPM-Solver++: Fast Solver for Guided Sampling of Dif
 
 import torch
 
-from .samplers import NoiseModel, SigmaSampler
-from .schedule import N_TRAINING_STEPS, check_n_inference_steps, karras_sigmas, sigma_to_timestep
+from ..ddpm import NoiseModel
+from ..schedule import N_TRAINING_STEPS, check_n_inference_steps, karras_sigmas, sigma_to_timestep
+from .base import SigmaSampler
 
 
 def dpm_solver_timesteps(n_inference_steps: int, n_training_steps: int = N_TRAINING_STEPS) -> torch.Tensor:

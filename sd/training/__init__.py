@@ -1,0 +1,5 @@
+"""Training: the loop (train: the VAE's and the latent-diffusion objectives, EMA, exact resume) and the data it
+learns from (datasets: captioned synthetic shapes, and describe() that reads a picture back for adherence).
+
+Tutorial part: "training", explained in the video but not coded in hkproj. `sd train` runs train.main.
+"""
