@@ -33,6 +33,7 @@ class DiffusionConfig:
     norm_eps: float = 1e-5                                    # ResBlock GroupNorm (ldm normalization(): PyTorch default)
     attn_norm_eps: float = 1e-6                               # SpatialTransformer GroupNorm (ldm Normalize)
     layer_norm_eps: float = 1e-5
+    sample_size: int = 64                                     # latent height and width it was trained at (512 px / 8): generate()'s default size
 
     def __post_init__(self):
         if len(self.attention_levels) != len(self.channel_mult):
@@ -54,7 +55,7 @@ class DiffusionConfig:
     def tiny(cls, in_channels: int = 4) -> "DiffusionConfig":
         """Three levels, attention in the first two and the middle, as in SD but narrow and with one block per level."""
         return cls(in_channels=in_channels, model_channels=32, channel_mult=(1, 2, 2), n_res_blocks=1,
-                   attention_levels=(True, True, False), n_heads=2, d_context=32, n_groups=8)
+                   attention_levels=(True, True, False), n_heads=2, d_context=32, n_groups=8, sample_size=8)
 
 
 def get_time_embedding(timesteps: torch.Tensor | int | float, dim: int = 320) -> torch.Tensor:

@@ -29,7 +29,6 @@ from .samplers import make_sampler
 from .schedule import alpha_cumprod_at, make_alphas_cumprod, make_betas
 from .tokenizer import load_tokenizer, tokenize
 
-WIDTH, HEIGHT = 512, 512  # SD 1.5 was trained at 512x512
 GUIDANCE_FN_SCALE = 200.0  # the Hugging Face diffusion course's colour-loss scale, for the same x̂_0 nudge s·σ²·∇loss
 OUTPUT_TYPES = ("np", "pil")  # uint8 arrays as the tutorial returns, or PIL images as diffusers does
 
@@ -103,6 +102,12 @@ def check_models(models, needs_encoder: bool) -> None:
     check(not missing, f"models is missing {missing}; it needs {needed} (from preload_models_from_standard_weights)")
 
 
+def default_size(models, height: int | None, width: int | None) -> tuple[int, int]:
+    """The size the model was trained at where none is given: the UNet's sample_size latents, in pixels."""
+    size = models["diffusion"].config.sample_size * models["decoder"].config.downscale
+    return (size if height is None else height), (size if width is None else width)
+
+
 def is_inpainting_unet(diffusion) -> bool:
     """The 9-channel inpainting UNet: latents (4) + mask (1) + masked-image latents (4)."""
     return diffusion.config.in_channels == 2 * diffusion.config.out_channels + 1
@@ -111,7 +116,6 @@ def is_inpainting_unet(diffusion) -> bool:
 def check_inputs(models, input_image, mask_image, strength, cfg_scale, height, width, num_images, seed, generator,
                  sampler_name, eta, guidance_fn, guidance_fn_scale, paste_back, output_type) -> None:
     """Conflicting arguments, sizes and ranges, each refused with what is accepted (the rest fails as a TypeError)."""
-    check_models(models, needs_encoder=input_image is not None)
     downscale = models["decoder"].config.downscale
     for name, size in (("height", height), ("width", width)):
         check(is_int(size) and size > 0 and size % downscale == 0,
@@ -296,8 +300,8 @@ def generate(
     *,
     mask_image: Image.Image | None = None,
     negative_prompt: str | list[str] | None = None,
-    height: int = HEIGHT,
-    width: int = WIDTH,
+    height: int | None = None,
+    width: int | None = None,
     num_images: int = 1,
     generator: torch.Generator | None = None,
     callback: Callable[[int, float, torch.Tensor, torch.Tensor], None] | None = None,
@@ -321,6 +325,8 @@ def generate(
     copies the unmasked pixels of the input into the result at the end.
     sampler_name: one of sd.samplers.SAMPLERS (ddpm, ddim, euler, euler_a, heun, lms, dpmpp_2m, and the
     _karras variants); eta: DDIM's noise amount (0 deterministic, 1 DDPM-like), for ddim only.
+    height, width: the image size; by default the one the model was trained at (its UNet's sample_size latents:
+    512 px for SD 1.5, 64 for the embedded model).
     seed or generator: reproducibility; the same seed gives the same image as diffusers on CPU.
     device: where the models run (default: where models["diffusion"] is); idle_device: where each model goes
     when it is not needed (the tutorial's, to save GPU memory). tokenizer: a CLIPTokenizer (default: sd's files).
@@ -335,6 +341,8 @@ def generate(
     else (B, H, W, 3); "pil": a list of PIL images (as diffusers), whatever the batch.
     """
     prompts, negatives = check_prompts(prompt, uncond_prompt, negative_prompt)
+    check_models(models, needs_encoder=input_image is not None)
+    height, width = default_size(models, height, width)
     check_inputs(models, input_image, mask_image, strength, cfg_scale, height, width, num_images, seed, generator,
                  sampler_name, eta, guidance_fn, guidance_fn_scale, paste_back, output_type)
     generator = make_generator(seed, generator)

@@ -416,6 +416,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     configs = {**default_configs(), **(configs_from_json(args.config.read_text()) if args.config else {})}
+    # generate()'s default size for the exported model: the images it is trained on, in latents.
+    configs["diffusion"] = dataclasses.replace(configs["diffusion"], sample_size=args.size // configs["vae"].downscale)
     models = build_models(configs, device=args.device)
     dataset = ShapesDataset(100_000, size=args.size, seed=args.seed)
     common = dict(batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device,
