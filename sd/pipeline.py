@@ -9,7 +9,7 @@ Dhariwal & Nichol 2021, "Diffusion Models Beat GANs on Image Synthesis", eq. (14
 as the Hugging Face diffusion course's "guidance functions" use it).
 
 generate() reads as its stages: check_inputs, encode_prompt, prepare_latents, make_noise_model (CFG and the
-inpainting UNet's extra channels; with_guidance_fn on top), denoise (the loop), decode, to_output.
+inpainting UNet's extra channels; with_guidance_fn on top), denoise (the loop), decode and to_output.
 """
 
 import contextlib
@@ -280,6 +280,18 @@ def denoise(sampler, start: Start, noise_model: NoiseModel, callback: Callable |
     return latents
 
 
+# --- stage 6: latents -> pixels -------------------------------------------------------------------------------------
+
+
+def decode(decoder, latents: torch.Tensor, image: torch.Tensor | None = None, mask: torch.Tensor | None = None):
+    """(B, 3, H, W) in about [-1, 1]. With image and mask (paste_back): outside the mask, the input image exactly as
+    it went into the encoder (in the decoder's dtype)."""
+    images = decoder(latents)
+    if mask is not None:
+        images = mask * images + (1 - mask) * image.to(images.dtype)
+    return images
+
+
 # --- the whole pipeline ----------------------------------------------------------------------------------------------
 
 
@@ -386,7 +398,5 @@ def generate(
                 on_device(decoder if guidance_fn is not None else None, device, None), recording:
             latents = denoise(sampler, start, noise_model, callback, progress, desc=sampler_name)
         with on_device(decoder, device, idle_device):
-            images = decoder(latents)  # (B, 3, H, W): stage 6, decode
-        if paste_back:  # the input image as it went into the encoder, in the decoder's dtype
-            images = mask * images + (1 - mask) * image.to(images.dtype)
+            images = decode(decoder, latents, *((image, mask) if paste_back else ()))
     return to_output(images, output_type, batched=not isinstance(prompt, str) or num_images > 1)
