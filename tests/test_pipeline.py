@@ -278,6 +278,20 @@ def test_wrong_kinds_of_object_fail_as_type_errors(tiny, kwargs, message):
         generate("a cat", models=models, n_inference_steps=1, height=H, width=W, progress=False, **kwargs)
 
 
+def test_the_tutorials_positional_order(tiny):
+    """prompt, uncond_prompt, input_image, strength, do_cfg, cfg_scale, sampler_name, n_inference_steps, models, seed,
+    device, idle_device, tokenizer: by position as in the tutorial; everything newer only by keyword."""
+    models, _, _ = tiny
+    start, tokenizer = photo(3), load_tokenizer()
+    by_position = generate("a cat", "blurry", start, 0.5, True, 5.0, "ddim", 4, models, 7, "cpu", "cpu", tokenizer)
+    by_name = generate(prompt="a cat", uncond_prompt="blurry", input_image=start, strength=0.5, do_cfg=True,
+                       cfg_scale=5.0, sampler_name="ddim", n_inference_steps=4, models=models, seed=7, device="cpu",
+                       idle_device="cpu", tokenizer=tokenizer, height=16, width=16)
+    assert np.array_equal(by_position, by_name)
+    with pytest.raises(TypeError, match="positional"):
+        generate("a cat", "", start, 0.5, True, 5.0, "ddim", 4, models, 7, "cpu", "cpu", tokenizer, half_mask())
+
+
 def test_output_types(tiny):
     """"np" (the default, as the tutorial): one prompt string and one image give one (H, W, 3) uint8 array, so
     Image.fromarray(output) works; a list of prompts or num_images > 1 give (B, H, W, 3); "pil": PIL images."""
