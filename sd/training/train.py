@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..checks import is_int
+from ..checks import is_int, is_number
 from ..clip import CLIPConfig
 from ..ddpm import DDPMSampler
 from ..decoder import VAE_Decoder, VAEConfig
@@ -75,13 +75,13 @@ class TrainConfig:
         for name in ("warmup_steps", "sample_every", "checkpoint_every", "seed"):
             if not is_int(getattr(self, name)) or getattr(self, name) < 0:
                 problems.append(f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+        if not (is_number(self.lr) and self.lr > 0):
             problems.append(f"lr must be a number > 0, got {self.lr!r}")
         for name in ("weight_decay", "grad_clip"):
-            if not (isinstance(getattr(self, name), (int, float)) and getattr(self, name) >= 0):
+            if not (is_number(getattr(self, name)) and getattr(self, name) >= 0):
                 problems.append(f"{name} must be a number >= 0, got {getattr(self, name)!r}")
         for name in ("ema_decay", "caption_dropout"):
-            if not (isinstance(getattr(self, name), (int, float)) and 0 <= getattr(self, name) <= 1):
+            if not (is_number(getattr(self, name)) and 0 <= getattr(self, name) <= 1):
                 problems.append(f"{name} must be a number in [0, 1], got {getattr(self, name)!r}")
         if self.mixed_precision not in MIXED_PRECISION:
             problems.append(f"mixed_precision must be one of {', '.join(map(repr, MIXED_PRECISION))}, "
@@ -106,7 +106,7 @@ class VAETrainConfig(TrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if not (isinstance(self.kl_weight, (int, float)) and self.kl_weight >= 0):
+        if not (is_number(self.kl_weight) and self.kl_weight >= 0):
             raise ValueError(f"VAETrainConfig: kl_weight must be a number >= 0, got {self.kl_weight!r}")
         if self.reconstruction not in ("l1", "mse"):
             raise ValueError(f"VAETrainConfig: reconstruction must be 'l1' or 'mse', got {self.reconstruction!r}")
