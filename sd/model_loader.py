@@ -1,8 +1,6 @@
 """Load the four models from one Stable Diffusion 1.x checkpoint file (.safetensors or .ckpt), and save them back.
-
-Tutorial part: "Loading the weights" (hkproj model_loader.py: preload_models_from_standard_weights).
-The file is read lazily (sd.checkpoint_io) and each parameter is filled straight from disk
-(sd.model_converter), so loading holds one copy of the weights, in the dtype asked for.
+Tutorial part: "Loading the weights" (hkproj model_loader.py: preload_models_from_standard_weights). The file is mapped,
+not read (sd.checkpoint_io), and each parameter is filled from it once (sd.model_converter), in the dtype asked for.
 """
 
 import dataclasses
@@ -11,6 +9,7 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from .checkpoint_io import Checkpoint, CheckpointError, open_checkpoint
@@ -33,12 +32,8 @@ def build_models(configs: dict, device: torch.device | str | None = None) -> dic
     """The tutorial's four models from configs {"clip", "vae", "diffusion"} (missing ones: SD 1.5 defaults)."""
     vae = configs.get("vae", VAEConfig())
     with torch.device(device or "cpu"):
-        return {
-            "clip": CLIP(configs.get("clip", CLIPConfig())),
-            "encoder": VAE_Encoder(vae),
-            "decoder": VAE_Decoder(vae),
-            "diffusion": Diffusion(configs.get("diffusion", DiffusionConfig())),
-        }
+        return {"clip": CLIP(configs.get("clip", CLIPConfig())), "encoder": VAE_Encoder(vae),
+                "decoder": VAE_Decoder(vae), "diffusion": Diffusion(configs.get("diffusion", DiffusionConfig()))}
 
 
 def configs_to_json(configs: dict) -> str:
@@ -47,27 +42,28 @@ def configs_to_json(configs: dict) -> str:
 
 def configs_from_json(text: str) -> dict:
     try:
-        raw = json.loads(text)
         configs = {}
-        for name, values in raw.items():
+        for name, values in json.loads(text).items():
             cls = CONFIG_CLASSES[name]
-            defaults = {f.name: f.default for f in dataclasses.fields(cls)}
-            # JSON has no tuples; the frozen configs keep their sequences as tuples.
-            configs[name] = cls(**{k: tuple(v) if isinstance(defaults[k], tuple) else v for k, v in values.items()})
+            tuples = {f.name for f in dataclasses.fields(cls) if isinstance(f.default, tuple)}  # JSON has no tuples
+            configs[name] = cls(**{k: tuple(v) if k in tuples else v for k, v in values.items()})
         return configs
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"the checkpoint's {CONFIG_METADATA_KEY!r} metadata is not a valid model config: {e}") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"the checkpoint's {CONFIG_METADATA_KEY!r} metadata is not a valid model config: "
+                              f"{e}") from None
 
 
 def identify(ckpt: Checkpoint) -> None:
     """Raise a CheckpointError naming what the file is, unless it is a Stable Diffusion 1.x checkpoint."""
     keys = set(ckpt.keys())
-    where = f"{ckpt.path}: "
     hint = "sd loads Stable Diffusion 1.x checkpoints (v1-5-pruned-emaonly, sd-v1-5-inpainting and SD 1.x fine-tunes)."
 
     def has(prefix: str) -> bool:
         return any(k.startswith(prefix) for k in keys)
 
+    to_k = ckpt.get(UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")
+    lacking = [name for prefix, name in (("first_stage_model.", "VAE"), ("cond_stage_model.", "text encoder"))
+               if not has(prefix)]
     found = None
     if any("lora" in k.lower() for k in keys):
         found = "a LoRA adapter, not a full model"
@@ -82,76 +78,74 @@ def identify(ckpt: Checkpoint) -> None:
     elif "encoder.conv_in.weight" in keys and "decoder.conv_in.weight" in keys:
         found = "a VAE on its own (e.g. vae-ft-mse), not a full SD checkpoint"
     elif UNET_PREFIX + "input_blocks.0.0.weight" not in keys:
-        sample = ", ".join(sorted(keys)[:4])
-        found = f"not a Stable Diffusion checkpoint ({len(keys)} tensors, e.g. {sample})"
-    else:
-        to_k = ckpt.get(UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")
-        if to_k is not None and to_k.shape[1] == 1024:
-            found = "an SD 2.x UNet (cross-attention context 1024, SD 1.x has 768)"
-        else:
-            lacking = [name for prefix, name in (("first_stage_model.", "VAE"), ("cond_stage_model.", "text encoder"))
-                       if not has(prefix)]
-            if lacking:
-                found = f"an SD 1.x UNet without its {' and '.join(lacking)}"
+        found = f"not a Stable Diffusion checkpoint ({len(keys)} tensors, e.g. {', '.join(sorted(keys)[:4])})"
+    elif to_k is not None and tuple(to_k.shape[1:2]) == (1024,):
+        found = "an SD 2.x UNet (cross-attention context 1024, SD 1.x has 768)"
+    elif lacking:
+        found = f"an SD 1.x UNet without its {' and '.join(lacking)}"
     if found:
-        raise CheckpointError(where + "this is " + found + ". " + hint)
+        raise CheckpointError(f"{ckpt.path}: this is {found}. {hint}")
 
 
 def configs_from_checkpoint(ckpt: Checkpoint) -> dict:
     """Configs from the file's metadata when it has them, else SD 1.5's, with the UNet's channels read
-    from its tensors (9 input channels for the inpainting model)."""
+    from its tensors (9 input channels for the inpainting model); the UNet's sample_size (generate()'s default
+    size) from the image size the file records, if it records one."""
     if CONFIG_METADATA_KEY in ckpt.metadata:
-        return configs_from_json(ckpt.metadata[CONFIG_METADATA_KEY])
-    conv_in = ckpt[UNET_PREFIX + "input_blocks.0.0.weight"].shape   # (320, in_channels, 3, 3)
-    conv_out = ckpt[UNET_PREFIX + "out.2.weight"].shape             # (out_channels, 320, 3, 3)
-    return {"clip": CLIPConfig(), "vae": VAEConfig(),
-            "diffusion": DiffusionConfig(in_channels=conv_in[1], out_channels=conv_out[0])}
+        configs = configs_from_json(ckpt.metadata[CONFIG_METADATA_KEY])
+    else:
+        conv_in = ckpt[UNET_PREFIX + "input_blocks.0.0.weight"].shape   # (320, in_channels, 3, 3)
+        conv_out = ckpt[UNET_PREFIX + "out.2.weight"].shape             # (out_channels, 320, 3, 3)
+        configs = {"clip": CLIPConfig(), "vae": VAEConfig(),
+                   "diffusion": DiffusionConfig(in_channels=conv_in[1], out_channels=conv_out[0])}
+    if IMAGE_SIZE_METADATA_KEY in ckpt.metadata:  # a model of ours trained at another size (the embedded one: 64)
+        latent_size = _image_size(ckpt) // configs.get("vae", VAEConfig()).downscale
+        configs["diffusion"] = dataclasses.replace(configs.get("diffusion", DiffusionConfig()), sample_size=latent_size)
+    return configs
+
+
+def _image_size(ckpt: Checkpoint) -> int:
+    size = ckpt.metadata.get(IMAGE_SIZE_METADATA_KEY, str(SD_IMAGE_SIZE))
+    if not size.isdigit() or int(size) == 0:
+        raise CheckpointError(f"{ckpt.path}: its {IMAGE_SIZE_METADATA_KEY!r} metadata must be a positive whole number "
+                              f"of pixels, got {size!r}")
+    return int(size)
 
 
 def checkpoint_image_size(ckpt_path: str | os.PathLike) -> int:
     """The image size the checkpoint's model was trained at: from its metadata (our files), else SD's 512."""
-    return int(open_checkpoint(ckpt_path).metadata.get(IMAGE_SIZE_METADATA_KEY, SD_IMAGE_SIZE))
+    return _image_size(open_checkpoint(ckpt_path))
 
 
-def preload_models_from_standard_weights(
-    ckpt_path: str | os.PathLike,
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.float32,
-    use_ema: bool = True,
-    configs: dict | None = None,
-) -> dict[str, nn.Module]:
-    """Load {"clip", "encoder", "decoder", "diffusion"} from one SD 1.x checkpoint, in eval mode.
-
-    ckpt_path: .safetensors or .ckpt (with or without the "state_dict" wrapper; v1-5-pruned.ckpt's
-    EMA weights are used when use_ema). dtype: float32, or float16/bfloat16 for half the memory.
-    configs: override the configs the file implies ({"clip", "vae", "diffusion"}).
-    """
+def preload_models_from_standard_weights(ckpt_path: str | os.PathLike, device: torch.device | str = "cpu",
+                                         dtype: torch.dtype = torch.float32, use_ema: bool = True,
+                                         configs: dict | None = None) -> dict[str, nn.Module]:
+    """Load {"clip", "encoder", "decoder", "diffusion"} from one SD 1.x checkpoint, in eval mode. ckpt_path:
+    .safetensors or .ckpt (with or without the "state_dict" wrapper; v1-5-pruned.ckpt's EMA weights are used when
+    use_ema). dtype: float32, or float16/bfloat16 for half the memory. configs: override those the file implies."""
     if dtype not in FLOAT_DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(map(str, FLOAT_DTYPES))}, got {dtype!r}")
-    device = torch.device(device)
     ckpt = open_checkpoint(ckpt_path)
     identify(ckpt)
     configs = {**configs_from_checkpoint(ckpt), **(configs or {})}
     models = build_models(configs, device="meta")  # structure only: no memory until the weights arrive
     state_dicts = load_from_standard_weights(ckpt, models, dtype=dtype, device=device, use_ema=use_ema)
+    del ckpt  # the parameters are fresh memory: with the checkpoint goes the file's mapping
     for name, model in models.items():
         model.load_state_dict(state_dicts[name], strict=True, assign=True)
         model.eval()
     return models
 
 
-def save_standard_weights(models: dict[str, nn.Module], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
-    """Save the four models as one checkpoint in the original layout, with their configs in the metadata.
-
-    .safetensors (recommended) or .ckpt ({"state_dict": ...}, as the released files); both load with
-    preload_models_from_standard_weights and with other tools that read SD 1.x checkpoints.
-    metadata: more string entries for a .safetensors file (e.g. IMAGE_SIZE_METADATA_KEY).
-    """
+def save_standard_weights(models: dict[str, nn.Module], path: str | os.PathLike,
+                          metadata: dict[str, str] | None = None) -> Path:
+    """Save the four models as one checkpoint in the original layout, with their configs in the metadata: .safetensors
+    (recommended; metadata: more string entries, e.g. IMAGE_SIZE_METADATA_KEY) or .ckpt ({"state_dict": ...}, as the
+    released files). Both load with preload_models_from_standard_weights and other tools that read SD 1.x files."""
     path = Path(path)
     tensors = to_standard_weights(models)
     configs = {"clip": models["clip"].config, "vae": models["encoder"].config, "diffusion": models["diffusion"].config}
     if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
         save_file(tensors, str(path), metadata={**(metadata or {}), CONFIG_METADATA_KEY: configs_to_json(configs)})
     elif path.suffix == ".ckpt":
         torch.save({"state_dict": tensors}, path)

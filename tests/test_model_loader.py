@@ -72,6 +72,17 @@ def test_full_checkpoint_uses_ema_weights_by_default(tmp_path, tiny):
     assert weights_equal(without, checkpoint)
 
 
+@pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
+def test_models_keep_nothing_of_the_file(tmp_path, tiny, suffix):
+    """Both formats are mapped while loading; the parameters must be fresh memory. A model still reading the
+    file's mapping would crash (SIGBUS) once the file is truncated."""
+    _, models, checkpoint = tiny
+    path = save_standard_weights(models, tmp_path / f"tiny{suffix}")
+    loaded = preload_models_from_standard_weights(path, configs=tiny_configs())
+    path.write_bytes(b"")  # truncated in place, as an interrupted re-download would
+    assert weights_equal(loaded, checkpoint)
+
+
 def test_inpainting_channels_are_read_from_the_checkpoint(tmp_path):
     """No metadata (as the released sd-v1-5-inpainting): the UNet's input width comes from its first conv."""
     path = tmp_path / "inpaint.safetensors"
