@@ -12,7 +12,8 @@ from sd.clip import CLIPConfig
 from sd.decoder import VAEConfig
 from sd.diffusion import DiffusionConfig
 from sd.model_converter import UNET_PREFIX, ema_key, to_standard_weights
-from sd.model_loader import configs_from_checkpoint, preload_models_from_standard_weights, save_standard_weights
+from sd.model_loader import (IMAGE_SIZE_METADATA_KEY, configs_from_checkpoint, preload_models_from_standard_weights,
+                             save_standard_weights)
 
 
 @pytest.fixture(scope="module")
@@ -175,3 +176,13 @@ def test_unsafe_ckpt_is_refused(tmp_path):
 def test_bad_dtype(tmp_path, dtype):
     with pytest.raises(ValueError, match="dtype must be one of"):
         preload_models_from_standard_weights(tmp_path / "never-opened.safetensors", dtype=dtype)
+
+
+def test_recorded_image_size_is_the_default_size(tmp_path, tiny):
+    """A file of ours trained at another size records it: the UNet's sample_size, generate()'s default, follows."""
+    _, models, _ = tiny
+    path = save_standard_weights(models, tmp_path / "m.safetensors", metadata={IMAGE_SIZE_METADATA_KEY: "40"})
+    assert preload_models_from_standard_weights(path)["diffusion"].config.sample_size == 20  # the tiny VAE halves
+    bad = save_standard_weights(models, tmp_path / "bad.safetensors", metadata={IMAGE_SIZE_METADATA_KEY: "abc"})
+    with pytest.raises(CheckpointError, match="bad.safetensors: its 'sd_image_size' metadata must be a positive"):
+        preload_models_from_standard_weights(bad)
