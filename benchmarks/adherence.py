@@ -24,7 +24,8 @@ def adherence(models, prompts, seed: int, cfg_scale: float | None, steps: int = 
     Returns, per prompt, what was asked, what was seen, and whether each part matches."""
     texts = [caption(*p) for p in prompts]
     images = generate(texts, models=models, seed=seed, n_inference_steps=steps, sampler_name=sampler, height=size,
-                      width=size, do_cfg=cfg_scale is not None, cfg_scale=cfg_scale or 1.0, progress=False, output_type="pil")
+                      width=size, do_cfg=cfg_scale is not None, cfg_scale=cfg_scale or 1.0, progress=False,
+                          output_type="pil")
     rows = []
     for (shape, colour, background), image in zip(prompts, images):
         seen = describe(image)

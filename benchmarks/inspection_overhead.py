@@ -44,7 +44,8 @@ def main() -> None:
     frames = []
     cases = {
         "plain": lambda: generate(**common, output_type="pil"),
-        "callback + preview": lambda: generate(**common, callback=lambda i, t, x, x0: frames.append(preview(x0)), output_type="pil"),
+        "callback + preview": lambda: generate(**common, callback=lambda i, t, x, x0: frames.append(preview(x0)),
+                                               output_type="pil"),
         "attention maps": lambda: generate(**common, attention_maps=AttentionMaps(), output_type="pil"),
         "guidance_fn": lambda: generate(**common, guidance_fn=lambda images: images[:, 2].mean(), output_type="pil"),
     }

@@ -40,7 +40,8 @@ def trajectory(models, size):
     states, predictions = [], []
     sd.generate("a red circle on a blue background", models=models, seed=0, n_inference_steps=steps, sampler_name="ddim",
                 height=size, width=size, progress=False,
-                callback=lambda i, t, latents, pred_original: (states.append((t, latents)), predictions.append(pred_original)), output_type="pil")
+                callback=lambda i, t, latents, pred_original: (states.append((t, latents)), predictions.append(pred_original)),
+                    output_type="pil")
     preview = LatentPreview.for_models(models)
     with torch.inference_mode():
         decoded_x0 = [to_uint8(models["decoder"](predictions[i]))[0] for i in shown]
@@ -61,7 +62,8 @@ def guidance_scales(models, size):
     images = [sd.generate(prompt, models=models, seed=0, cfg_scale=s, n_inference_steps=20, sampler_name="dpmpp_2m_karras",
                           height=size, width=size, progress=False, output_type="pil")[0] for s in scales]
     images.insert(0, sd.generate(prompt, models=models, seed=0, do_cfg=False, n_inference_steps=20,
-                                 sampler_name="dpmpp_2m_karras", height=size, width=size, progress=False, output_type="pil")[0])
+                                 sampler_name="dpmpp_2m_karras", height=size, width=size, progress=False,
+                                     output_type="pil")[0])
     fig, axes = plt.subplots(1, len(images), figsize=(1.6 * len(images), 2.0))
     show_row(axes, images, ["no CFG"] + [f"cfg_scale {s:g}" for s in scales])
     fig.suptitle(f'"{prompt}", seed 0', fontsize=10)
@@ -72,7 +74,8 @@ def guidance_scales(models, size):
 def attention(models, size):
     maps = AttentionMaps()
     image = sd.generate("a green square on an orange background", models=models, seed=1, n_inference_steps=20,
-                        sampler_name="dpmpp_2m_karras", height=size, width=size, progress=False, attention_maps=maps, output_type="pil")[0]
+                        sampler_name="dpmpp_2m_karras", height=size, width=size, progress=False, attention_maps=maps,
+                            output_type="pil")[0]
     words = maps.words(0)
     fig, axes = plt.subplots(1, len(words) + 1, figsize=(1.6 * (len(words) + 1), 2.0))
     show_row(axes[:1], [image], ["image"])
@@ -97,7 +100,8 @@ def guidance_function(models, size):
     for seed in (0, 1):
         images.append(sd.generate(**common, seed=seed, output_type="pil")[0])
         titles.append(f"seed {seed}")
-        images.append(sd.generate(**common, seed=seed, guidance_fn=bluer, guidance_fn_scale=GUIDANCE_SCALE, output_type="pil")[0])
+        images.append(sd.generate(**common, seed=seed, guidance_fn=bluer, guidance_fn_scale=GUIDANCE_SCALE,
+                                  output_type="pil")[0])
         titles.append("+ bluer loss")
     fig, axes = plt.subplots(1, len(images), figsize=(1.6 * len(images), 2.0))
     show_row(axes, images, titles)

@@ -78,7 +78,8 @@ def test_generate_fills_one_map_per_token_that_sums_to_one(tiny):
     models, _ = tiny
     maps = AttentionMaps()
     prompts = ["a red circle", "two blue squares on white"]
-    plain = generate(prompts, models=models, seed=3, n_inference_steps=3, height=H, width=W, num_images=2, progress=False, output_type="pil")
+    plain = generate(prompts, models=models, seed=3, n_inference_steps=3, height=H, width=W, num_images=2, progress=False,
+                     output_type="pil")
     images = generate(prompts, models=models, seed=3, n_inference_steps=3, height=H, width=W, num_images=2,
                       progress=False, attention_maps=maps, output_type="pil")
     assert [im.tobytes() for im in images] == [im.tobytes() for im in plain]  # recording changes nothing
@@ -136,6 +137,7 @@ def test_misuse_is_explained(tiny):
             pass
         recorded.mean()
     maps = AttentionMaps()
-    generate("a cat", models=models, seed=0, n_inference_steps=1, height=H, width=W, progress=False, attention_maps=maps, output_type="pil")
+    generate("a cat", models=models, seed=0, n_inference_steps=1, height=H, width=W, progress=False, attention_maps=maps,
+             output_type="pil")
     with pytest.raises(IndexError, match="image index 1 out of range: 1 images were generated"):
         maps.words(1)

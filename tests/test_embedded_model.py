@@ -62,7 +62,8 @@ def palette_map(image: Image.Image) -> np.ndarray:
 def test_image_to_image_changes_what_the_prompt_changes(models):
     start = draw("circle", "red", "blue", size=SIZE, center=(32, 32), radius=18)
     out = generate(caption("circle", "yellow", "blue"), models=models, input_image=start, strength=0.7, seed=3,
-                   n_inference_steps=STEPS, sampler_name="dpmpp_2m_karras", height=SIZE, width=SIZE, progress=False, output_type="pil")[0]
+                   n_inference_steps=STEPS, sampler_name="dpmpp_2m_karras", height=SIZE, width=SIZE, progress=False,
+                       output_type="pil")[0]
     seen = describe(out)
     assert seen["colour"] == "yellow" and seen["background"] == "blue", seen
 

@@ -3,7 +3,6 @@ colour guidance), with no effect at scale 0, nothing left on the models, and bad
 
 import numpy as np
 import pytest
-import torch
 
 from reference import random_models, tiny_configs
 from sd.cli import EMBEDDED_CHECKPOINT
@@ -62,7 +61,8 @@ def test_colour_guidance_on_the_embedded_model(channel):
                   width=64, progress=False, sampler_name="ddim")
     for seed in (0, 1):
         plain = mean_colour(generate(**common, seed=seed, output_type="pil"))
-        guided = mean_colour(generate(**common, seed=seed, guidance_fn=toward(channel), guidance_fn_scale=1000.0, output_type="pil"))
+        guided = mean_colour(generate(**common, seed=seed, guidance_fn=toward(channel), guidance_fn_scale=1000.0,
+                                      output_type="pil"))
         assert guided[channel] > plain[channel] + 20, (seed, plain, guided)
 
 
@@ -72,4 +72,5 @@ def test_colour_guidance_on_the_embedded_model(channel):
 ])
 def test_a_loss_of_the_wrong_shape_is_explained(tiny, loss, message):
     with pytest.raises(ValueError, match=message):
-        generate("a cat", models=tiny, seed=0, n_inference_steps=2, height=H, width=W, progress=False, guidance_fn=loss, output_type="pil")
+        generate("a cat", models=tiny, seed=0, n_inference_steps=2, height=H, width=W, progress=False, guidance_fn=loss,
+                 output_type="pil")

@@ -115,7 +115,8 @@ def test_every_sampler_matches_diffusers_end_to_end(tiny, reference, sampler, mo
 
 def test_num_images_per_prompt_matches_diffusers(tiny, reference):
     models, _, _ = tiny
-    ours = generate("a cat", models=models, num_images=2, seed=3, n_inference_steps=3, height=H, width=W, progress=False, output_type="pil")
+    ours = generate("a cat", models=models, num_images=2, seed=3, n_inference_steps=3, height=H, width=W, progress=False,
+                    output_type="pil")
     theirs = reference[0]("a cat", num_images_per_prompt=2, height=H, width=W, num_inference_steps=3,
                           generator=torch.Generator().manual_seed(3), output_type="np")
     assert np.abs(pixels(ours) - diffusers_pixels(theirs)).max() <= 1
@@ -135,7 +136,8 @@ def test_any_image_mode_and_size_is_accepted(tiny, mode):
 
 def test_seeds_reproduce_and_differ(tiny):
     models, _, _ = tiny
-    run = lambda **kw: pixels(generate("a cat", models=models, n_inference_steps=3, height=H, width=W, progress=False, **kw, output_type="pil"))
+    run = lambda **kw: pixels(generate("a cat", models=models, n_inference_steps=3, height=H, width=W, progress=False, **kw,
+                                       output_type="pil"))
     assert np.array_equal(run(seed=5), run(seed=5))
     assert np.array_equal(run(seed=5), run(generator=torch.Generator().manual_seed(5)))
     assert not np.array_equal(run(seed=5), run(seed=6))
@@ -159,7 +161,8 @@ def test_inpainting_keeps_the_unmasked_region(tiny):
     last = []
     common = dict(models=models, input_image=start, mask_image=half_mask(), strength=1.0, seed=11,
                   n_inference_steps=STEPS, height=H, width=W, progress=False)
-    out = pixels(generate("a green triangle", callback=lambda i, t, x, x0: last.append(x.clone()), **common, output_type="pil"))[0]
+    out = pixels(generate("a green triangle", callback=lambda i, t, x, x0: last.append(x.clone()), **common,
+                          output_type="pil"))[0]
 
     with torch.no_grad():  # the pipeline's first random draw is the VAE's sample of the input image
         image = torch.from_numpy(original).permute(2, 0, 1)[None].float() / 255 * 2 - 1
@@ -203,7 +206,8 @@ def test_callback_sees_every_step_and_inputs_stay_unchanged(tiny):
 def test_long_prompts_are_truncated_with_a_warning(tiny):
     models, _, _ = tiny
     with pytest.warns(UserWarning, match="truncated"):
-        generate("a cat " * 60, models=models, seed=0, n_inference_steps=1, height=H, width=W, progress=False, output_type="pil")
+        generate("a cat " * 60, models=models, seed=0, n_inference_steps=1, height=H, width=W, progress=False,
+                 output_type="pil")
 
 
 def test_to_uint8_rounds():
@@ -355,5 +359,6 @@ def test_every_sampler_inpaints(tiny, sampler):
 
     inpaint_models = random_models(tiny_configs(in_channels=9), seed=6)
     images = generate("a cat", models=inpaint_models, input_image=start, mask_image=half_mask(), seed=5,
-                      n_inference_steps=3, height=H, width=W, progress=False, sampler_name=sampler, paste_back=True, output_type="pil")
+                      n_inference_steps=3, height=H, width=W, progress=False, sampler_name=sampler, paste_back=True,
+                          output_type="pil")
     assert np.array_equal(pixels(images)[0][:, : W // 2], pixels([start])[0][:, : W // 2])
