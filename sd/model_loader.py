@@ -99,22 +99,19 @@ def configs_from_checkpoint(ckpt: Checkpoint) -> dict:
         configs = {"clip": CLIPConfig(), "vae": VAEConfig(),
                    "diffusion": DiffusionConfig(in_channels=conv_in[1], out_channels=conv_out[0])}
     if IMAGE_SIZE_METADATA_KEY in ckpt.metadata:  # a model of ours trained at another size (the embedded one: 64)
-        latent_size = _image_size(ckpt) // configs.get("vae", VAEConfig()).downscale
+        latent_size = checkpoint_image_size(ckpt) // configs.get("vae", VAEConfig()).downscale
         configs["diffusion"] = dataclasses.replace(configs.get("diffusion", DiffusionConfig()), sample_size=latent_size)
     return configs
 
 
-def _image_size(ckpt: Checkpoint) -> int:
+def checkpoint_image_size(ckpt: Checkpoint | str | os.PathLike) -> int:
+    """The image size the checkpoint's model was trained at: from its metadata (our files), else SD's 512."""
+    ckpt = ckpt if isinstance(ckpt, Checkpoint) else open_checkpoint(ckpt)
     size = ckpt.metadata.get(IMAGE_SIZE_METADATA_KEY, str(SD_IMAGE_SIZE))
     if not size.isdigit() or int(size) == 0:
         raise CheckpointError(f"{ckpt.path}: its {IMAGE_SIZE_METADATA_KEY!r} metadata must be a positive whole number "
                               f"of pixels, got {size!r}")
     return int(size)
-
-
-def checkpoint_image_size(ckpt_path: str | os.PathLike) -> int:
-    """The image size the checkpoint's model was trained at: from its metadata (our files), else SD's 512."""
-    return _image_size(open_checkpoint(ckpt_path))
 
 
 def preload_models_from_standard_weights(ckpt_path: str | os.PathLike, device: torch.device | str = "cpu",
