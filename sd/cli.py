@@ -152,8 +152,8 @@ def run_generation(args: argparse.Namespace) -> list[Path]:
     import torch
     from PIL.PngImagePlugin import PngInfo
 
-    from .model_loader import checkpoint_image_size, preload_models_from_standard_weights
-    from .pipeline import generate
+    from .model_loader import preload_models_from_standard_weights
+    from .pipeline import default_size, generate
 
     checkpoint = args.checkpoint or EMBEDDED_CHECKPOINT
     if args.checkpoint is None and not checkpoint.is_file():
@@ -161,14 +161,13 @@ def run_generation(args: argparse.Namespace) -> list[Path]:
                                 "pass --checkpoint weights/v1-5-pruned-emaonly.safetensors (see weights/README.md)")
     image = _open_image(args.image, "image") if getattr(args, "image", None) else None
     mask = _open_image(args.mask, "mask") if getattr(args, "mask", None) else None
-    size = checkpoint_image_size(checkpoint)
-    height, width = args.height or size, args.width or size
     seed = args.seed if args.seed is not None else random.randrange(2**32)
     device = _device(args.device)
     label = "embedded model" if args.checkpoint is None else "checkpoint"
     print(f"sd: {label} {checkpoint} on {device}, {args.sampler} {args.steps} steps, seed {seed}", file=sys.stderr)
 
     models = preload_models_from_standard_weights(checkpoint, device=device, dtype=getattr(torch, args.dtype))
+    height, width = default_size(models, args.height, args.width)  # the model's training size unless given
     show = _preview_writer(models, args.preview, width, height) if args.preview else None
     images = generate(args.prompt, negative_prompt=args.negative_prompt, input_image=image, mask_image=mask,
                       strength=getattr(args, "strength", 0.8), cfg_scale=args.cfg_scale, sampler_name=args.sampler,
