@@ -1,0 +1,162 @@
+"""Every file sd writes goes through here: written whole or not at all, and never over a file unless asked.
+
+No tutorial counterpart (the tutorial saves nothing). A file is written to a temporary name in its own folder,
+flushed to disk (fsync), then renamed over its final name, which POSIX makes atomic: a reader, a second process or
+a Ctrl-C sees the old file or the new one, never half of one. Without overwrite the final name is taken with a hard
+link, which fails if the name exists, so two processes writing one path cannot both "win". Images: the format
+follows the extension, with the generation parameters where AUTOMATIC1111 writes them (PNG: a "parameters" text
+chunk; JPEG and WebP: EXIF UserComment, "UNICODE\\0" + UTF-16 as piexif writes it).
+"""
+
+import contextlib
+import errno
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from PIL import Image, features
+from PIL.PngImagePlugin import PngInfo
+
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+JPEG_QUALITY = 95  # AUTOMATIC1111's default (jpeg_quality / webp quality)
+EXIF_IFD = 0x8769  # the Exif sub-IFD, where UserComment lives
+USER_COMMENT = 0x9286  # EXIF UserComment: 8 bytes naming the encoding, then the text
+UNICODE_PREFIX = b"UNICODE\0"  # piexif.helper.UserComment's "unicode" encoding (UTF-16, big-endian)
+MAX_FREE_NAME_TRIES = 10_000
+
+
+class OutputError(ValueError):
+    """An output path that cannot be written: a folder, under a file, an extension we do not write."""
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename itself durable (the folder's entry), where the OS lets us open a folder."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
+    """Yield a temporary path beside `path` to write to; when the block ends, the file is synced to disk and put at
+    `path` in one step. On any failure (a full disk, Ctrl-C) the temporary file is removed and `path` is untouched.
+    overwrite=False: FileExistsError if `path` exists, even if another process took it while we wrote."""
+    path = Path(path)
+    check_output_path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private (0600); give it the mode a plain open() would
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)  # atomic, and fails with FileExistsError if the name is taken
+            tmp.unlink()
+        _fsync_dir(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def check_output_path(path: Path) -> None:
+    """Refuse, before any work, a path that is a folder or lies under a file."""
+    if path.is_dir():
+        raise OutputError(f"{path} is a folder; give a file name such as {path / 'out.png'}")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise OutputError(f"cannot write {path}: {parent} is a file, not a folder")
+            break
+
+
+def free_path(path: Path) -> Path:
+    """`path` if no file has that name, else the first free `stem-1.ext`, `stem-2.ext`, ... (AUTOMATIC1111 also
+    numbers its outputs rather than replace one)."""
+    if not path.exists():
+        return path
+    for n in range(1, MAX_FREE_NAME_TRIES):
+        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
+        if not candidate.exists():
+            return candidate
+    raise FileExistsError(f"{path} and {MAX_FREE_NAME_TRIES} numbered names beside it exist; use --overwrite")
+
+
+def image_format(path: Path) -> str:
+    """PIL's format name for the extension, or an OutputError saying which extensions are written."""
+    fmt = IMAGE_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise OutputError(f"cannot write {path.name!r}: images are written as "
+                          f"{', '.join(IMAGE_FORMATS)} (the format follows the extension)")
+    if fmt == "WEBP" and not features.check("webp"):
+        raise OutputError(f"cannot write {path.name!r}: this Pillow was built without WebP; use .png or .jpg")
+    return fmt
+
+
+def check_image_output(path: str | os.PathLike) -> Path:
+    """The checks save_image will make, made before any work: a known extension, not a folder, not under a file."""
+    path = Path(path)
+    check_output_path(path)
+    image_format(path)
+    return path
+
+
+def _save_options(fmt: str, parameters: str | None) -> dict:
+    if fmt == "PNG":
+        info = PngInfo()
+        if parameters is not None:
+            info.add_text("parameters", parameters)
+        return {"pnginfo": info}
+    options = {"quality": JPEG_QUALITY}
+    if parameters is not None:
+        exif = Image.Exif()
+        exif.get_ifd(EXIF_IFD)[USER_COMMENT] = UNICODE_PREFIX + parameters.encode("utf-16-be")
+        options["exif"] = exif
+    return options
+
+
+def save_image(image: Image.Image, path: str | os.PathLike, parameters: str | None = None,
+               overwrite: bool = False) -> Path:
+    """Write image in the format of path's extension, with parameters (AUTOMATIC1111's text) in its metadata.
+    Returns the path written: `path`, or with overwrite=False the next free numbered name beside it."""
+    path = check_image_output(path)
+    fmt = image_format(path)
+    options = _save_options(fmt, parameters)
+    while True:
+        target = path if overwrite else free_path(path)
+        try:
+            with atomic_output(target, overwrite=overwrite) as tmp:
+                image.save(tmp, format=fmt, **options)
+            return target
+        except FileExistsError:
+            if overwrite:
+                raise
+            # another process took the name between free_path and the link: try the next one
+
+
+def read_parameters(path: str | os.PathLike) -> str | None:
+    """The parameters text save_image wrote (PNG text chunk or EXIF UserComment), or None."""
+    with Image.open(path) as image:
+        if "parameters" in image.info:
+            return image.info["parameters"]
+        comment = image.getexif().get_ifd(EXIF_IFD).get(USER_COMMENT)
+    if isinstance(comment, bytes) and comment.startswith(UNICODE_PREFIX):
+        return comment[len(UNICODE_PREFIX):].decode("utf-16-be")
+    return None
+
+
+def is_disk_full(error: OSError) -> bool:
+    return error.errno in (errno.ENOSPC, errno.EDQUOT)
