@@ -3,6 +3,8 @@
 No tutorial counterpart. Errors speak to the user: what was wrong and what is accepted (STYLE.md, habit 8).
 """
 
+import math
+
 
 def is_int(value) -> bool:
     """An integer, not a bool (True is an int to Python, but never a step count, a size or a seed)."""
@@ -14,7 +16,16 @@ def is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def is_finite_number(value) -> bool:
+    """An int or a float that is not NaN or ±inf (a NaN guidance scale gives a black image, silently), not a bool."""
+    return is_number(value) and math.isfinite(value)
+
+
 def check(condition: bool, message: str) -> None:
     """Raise ValueError(message) unless condition holds."""
     if not condition:
         raise ValueError(message)
+
+
+class NonFiniteError(RuntimeError):
+    """NaN or inf appeared in a model's output or a step's result; the message says where."""

@@ -10,7 +10,10 @@ from collections.abc import Callable
 
 import torch
 
-from .schedule import N_TRAINING_STEPS, BETA_END, BETA_START, leading_timesteps, make_alphas_cumprod, make_betas, start_step
+from .schedule import (
+    BETA_END, BETA_START, N_TRAINING_STEPS, STEPS_OFFSET, leading_timesteps, make_alphas_cumprod, make_betas,
+    start_step,
+)
 
 # model(x_in, t) -> ε̂: the UNet with the prompt's context and guidance applied, as the pipeline builds it.
 # Every sampler (sd.samplers) calls its model through this one interface.
@@ -42,6 +45,11 @@ class DDPMSampler:
         self.betas = make_betas(n_training_steps, beta_start, beta_end)
         self.alphas_cumprod = make_alphas_cumprod(self.betas)
         self.set_inference_timesteps(50)
+
+    @property
+    def max_inference_steps(self) -> int:
+        """"leading" timesteps end at steps_offset: 999 steps visit 999 .. 1, 1000 would start at t = 1000."""
+        return self.n_training_steps - STEPS_OFFSET
 
     def set_inference_timesteps(self, n_inference_steps: int = 50) -> None:
         self.n_inference_steps = n_inference_steps

@@ -13,6 +13,8 @@ inpainting UNet's extra channels; with_guidance_fn on top), denoise (the loop), 
 """
 
 import contextlib
+import os
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -22,8 +24,10 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .checks import check, is_int, is_number
+from .checks import NonFiniteError, check, is_finite_number, is_int
 from .ddpm import NoiseModel
+from .devices import model_device, resolve_device, restored_on_failure
+from .images import RESIZE_MODES, image_to_tensor, mask_to_tensor
 from .inspect.attention_maps import AttentionMaps
 from .samplers import make_sampler
 from .schedule import alpha_cumprod_at, make_alphas_cumprod, make_betas
@@ -31,27 +35,14 @@ from .tokenizer import load_tokenizer, tokenize
 
 GUIDANCE_FN_SCALE = 200.0  # the Hugging Face diffusion course's colour-loss scale, for the same x̂_0 nudge s·σ²·∇loss
 OUTPUT_TYPES = ("np", "pil")  # uint8 arrays as the tutorial returns, or PIL images as diffusers does
+NONFINITE = ("raise", "warn")  # what a NaN/inf in the models' outputs does: stop with where it appeared, or warn once
+MAX_SEED = 2**64  # torch.Generator.manual_seed takes 0 .. 2**64 - 1
+LARGE_AREA = 16  # warn when an image has more than this many times the area the model was trained at
+VAE_ENCODER = "the VAE encoder (models['encoder']) on input_image"
+DECODER_LIVE_TENSORS = 3  # at full resolution the decoder holds at least an input, a GroupNorm and a conv output
 
 
 # --- images in and out ----------------------------------------------------------------------------------------
-
-
-def image_to_tensor(image: Image.Image, width: int, height: int) -> torch.Tensor:
-    """PIL image (any mode) -> (1, 3, height, width) float32 in [-1, 1], resized with Lanczos as diffusers does."""
-    image = image.convert("RGB")
-    if image.size != (width, height):
-        image = image.resize((width, height), resample=Image.LANCZOS)
-    array = np.asarray(image, dtype=np.float32) / 255.0  # (H, W, 3) in [0, 1]
-    return torch.from_numpy(array).permute(2, 0, 1)[None] * 2 - 1
-
-
-def mask_to_tensor(mask: Image.Image, width: int, height: int) -> torch.Tensor:
-    """Mask image -> (1, 1, height, width) of 0/1, white (>= half grey) = repaint."""
-    mask = mask.convert("L")
-    if mask.size != (width, height):
-        mask = mask.resize((width, height), resample=Image.LANCZOS)
-    array = np.asarray(mask, dtype=np.float32) / 255.0
-    return (torch.from_numpy(array)[None, None] >= 0.5).float()
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -114,15 +105,16 @@ def is_inpainting_unet(diffusion) -> bool:
 
 
 def check_inputs(models, input_image, mask_image, strength, cfg_scale, height, width, num_images, seed, generator,
-                 sampler_name, eta, guidance_fn, guidance_fn_scale, paste_back, output_type) -> None:
+                 sampler_name, eta, guidance_fn, guidance_fn_scale, paste_back, output_type, tokenizer=None,
+                 resize_mode="stretch", nonfinite="raise") -> None:
     """Conflicting arguments, sizes and ranges, each refused with what is accepted (the rest fails as a TypeError)."""
     downscale = models["decoder"].config.downscale
     for name, size in (("height", height), ("width", width)):
         check(is_int(size) and size > 0 and size % downscale == 0,
               f"{name} must be a positive multiple of {downscale}, got {size!r}")
     check(is_int(num_images) and num_images > 0, f"num_images must be a positive integer, got {num_images!r}")
-    check(is_number(cfg_scale), f"cfg_scale must be a number, got {cfg_scale!r}")
-    check(is_number(strength) and 0 < strength <= 1, f"strength must be a number in (0, 1], got {strength!r}")
+    check(is_finite_number(cfg_scale), f"cfg_scale must be a finite number, got {cfg_scale!r}")
+    check(is_finite_number(strength) and 0 < strength <= 1, f"strength must be a number in (0, 1], got {strength!r}")
     if input_image is not None and not isinstance(input_image, Image.Image):
         raise TypeError(f"input_image must be a PIL.Image.Image (open a file with PIL.Image.open), "
                         f"got {type(input_image).__name__}")
@@ -137,13 +129,66 @@ def check_inputs(models, input_image, mask_image, strength, cfg_scale, height, w
           "this checkpoint's UNet is an inpainting model (9 input channels): give input_image and mask_image")
     check(not paste_back or mask_image is not None, "paste_back needs a mask_image")
     check(seed is None or generator is None, "give seed or generator, not both")
-    check(seed is None or is_int(seed), f"seed must be an integer, got {seed!r}")
+    check(seed is None or (is_int(seed) and 0 <= seed < MAX_SEED),
+          f"seed must be an integer from 0 to 2**64 - 1, or None for a random one, got {seed!r}")
     check(eta is None or sampler_name == "ddim", f"eta is an option of the ddim sampler, not of {sampler_name!r}")
     check(guidance_fn is not None or guidance_fn_scale is None,
           "guidance_fn_scale is the scale of guidance_fn: give a guidance_fn")
-    check(guidance_fn_scale is None or is_number(guidance_fn_scale),
-          f"guidance_fn_scale must be a number, got {guidance_fn_scale!r}")
+    check(guidance_fn_scale is None or is_finite_number(guidance_fn_scale),
+          f"guidance_fn_scale must be a finite number, got {guidance_fn_scale!r}")
     check(output_type in OUTPUT_TYPES, f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+    check(resize_mode in RESIZE_MODES, f"resize_mode must be one of {', '.join(RESIZE_MODES)}, got {resize_mode!r}")
+    check(nonfinite in NONFINITE, f"nonfinite must be one of {', '.join(NONFINITE)}, got {nonfinite!r}")
+    if tokenizer is not None and not (callable(tokenizer) and hasattr(tokenizer, "decode")):
+        raise TypeError(f"tokenizer must be a transformers CLIPTokenizer (sd.load_tokenizer() gives one), "
+                        f"got {tokenizer!r:.80}")
+
+
+def check_size(models, height: int, width: int, batch: int, device: torch.device, dtype: torch.dtype) -> None:
+    """Refuse an image that cannot fit in memory, before any work; warn about one far larger than the model knows.
+    The bound is a floor: the VAE decoder's activations at full resolution alone (the peak is several times it)."""
+    need = DECODER_LIVE_TENSORS * batch * models["decoder"].config.block_out_channels[0] * height * width \
+        * dtype.itemsize
+    have = device_memory(device)
+    check(have is None or need <= have,
+          f"{batch} image(s) of {width}x{height} need at least {need / 2**30:.0f} GB in the VAE decoder alone, and "
+          f"{device} has {(have or 0) / 2**30:.0f} GB: make the images smaller or fewer")
+    trained = (models["diffusion"].config.sample_size * models["decoder"].config.downscale) ** 2
+    if height * width > LARGE_AREA * trained:
+        warnings.warn(f"{width}x{height} is {height * width / trained:.0f} times the area this model was trained at "
+                      f"({trained ** 0.5:.0f}x{trained ** 0.5:.0f}): it will be slow (attention grows with the square "
+                      f"of the area) and need at least {need / 2**30:.1f} GB", stacklevel=3)
+
+
+def device_memory(device: torch.device) -> int | None:
+    """Total memory of the device in bytes (the machine's RAM for the CPU), or None where torch cannot say."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    if device.type == "cpu" and hasattr(os, "sysconf"):
+        with contextlib.suppress(ValueError, OSError):
+            return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return None
+
+
+@dataclass
+class FiniteCheck:
+    """NaN/inf caught where it first appears (a model's output, a sampler step), named in the error: one reduction
+    per tensor, cheap next to the model that made it. mode "warn" (for debugging) warns once and goes on."""
+
+    mode: str = "raise"
+    warned: bool = False
+
+    def __call__(self, x: torch.Tensor, where: str | Callable[[], str]) -> torch.Tensor:
+        """x, checked; where: what made it (or a function that says, called only when x is not finite)."""
+        if not torch.isfinite(x).all():
+            bad = (~torch.isfinite(x)).sum().item()
+            message = f"{where() if callable(where) else where} gave NaN or inf ({bad} of {x.numel()} values)"
+            if self.mode == "raise":
+                raise NonFiniteError(f"{message}; nonfinite='warn' (sd: --nonfinite warn) goes on, to debug")
+            if not self.warned:
+                warnings.warn(f"{message}; going on (nonfinite='warn'): the image will be wrong", stacklevel=2)
+                self.warned = True
+        return x
 
 
 def make_generator(seed: int | None, generator: torch.Generator | None) -> torch.Generator:
@@ -174,10 +219,11 @@ def on_device(model, device, idle_device):
 # --- stage 2: text -> context ----------------------------------------------------------------------------------
 
 
-def encode_prompt(clip, tokenizer, prompts: list[str], negatives: list[str], do_cfg: bool, device, dtype):
+def encode_prompt(clip, tokenizer, prompts: list[str], negatives: list[str], do_cfg: bool, device, dtype,
+                  finite: FiniteCheck = FiniteCheck()):
     """(context (2B or B, 77, d_context), token ids): with CFG the unconditional half goes first, as in diffusers."""
     tokens = tokenize(negatives + prompts if do_cfg else prompts, tokenizer).to(device)  # (2B or B, 77)
-    return clip(tokens).to(dtype), tokens
+    return finite(clip(tokens).to(dtype), "the text encoder (models['clip'])"), tokens
 
 
 # --- stage 3: the latents sampling starts from ------------------------------------------------------------------
@@ -195,16 +241,17 @@ class Start:
 
 
 def prepare_latents(encoder, sampler, randn: Callable, latent_shape: tuple[int, ...], image: torch.Tensor | None,
-                    mask: torch.Tensor | None, strength: float, inpainting_unet: bool) -> Start:
+                    mask: torch.Tensor | None, strength: float, inpainting_unet: bool,
+                    finite: FiniteCheck = FiniteCheck()) -> Start:
     """Pure noise; or the input image's latents noised to the first step that strength keeps (SDEdit); with a mask,
     what inpainting needs. Random draws in diffusers' order: the image's VAE sample, the start noise, the masked
-    image's VAE sample. image (1, 3, H, W) and mask (1, 1, H, W) serve every prompt of the batch."""
+    image's VAE sample. image (1, 3, H, W) and mask (1, 1, H, W) serve every prompt of the batch. The sampler's
+    timesteps are already cut to strength (make_sampler)."""
     one = (1, *latent_shape[1:])
     image_latents = None
     if image is not None:
-        sampler.set_strength(strength)
         if mask is None or not inpainting_unet or strength < 1:
-            image_latents = encoder(image, randn(one)).expand(latent_shape)
+            image_latents = finite(encoder(image, randn(one)), VAE_ENCODER).expand(latent_shape)
     noise = randn(latent_shape)
     if image_latents is None or (mask is not None and strength == 1):
         latents = noise * sampler.init_noise_sigma
@@ -214,7 +261,7 @@ def prepare_latents(encoder, sampler, randn: Callable, latent_shape: tuple[int, 
     if mask is not None:
         latent_mask = F.interpolate(mask, size=latent_shape[2:]).expand(latent_shape[0], -1, -1, -1)  # (B, 1, h, w)
         if inpainting_unet:
-            masked_image_latents = encoder(image * (mask < 0.5), randn(one)).expand(latent_shape)
+            masked_image_latents = finite(encoder(image * (mask < 0.5), randn(one)), VAE_ENCODER).expand(latent_shape)
             start.unet_extra = torch.cat([latent_mask, masked_image_latents], dim=1)
         else:
             randn(one)  # diffusers encodes the masked image here; keep its random draws in step
@@ -226,22 +273,27 @@ def prepare_latents(encoder, sampler, randn: Callable, latent_shape: tuple[int, 
 
 
 def make_noise_model(diffusion, context: torch.Tensor, do_cfg: bool, cfg_scale: float,
-                     unet_extra: torch.Tensor | None = None) -> NoiseModel:
+                     unet_extra: torch.Tensor | None = None, finite: FiniteCheck = FiniteCheck()) -> NoiseModel:
     """ε̂(x, t): the UNet on the prompts' context, with classifier-free guidance; the 9-channel inpainting UNet gets
     the mask and masked-image latents appended to its input."""
+
+    def unet(x_in: torch.Tensor, t) -> torch.Tensor:
+        return finite(diffusion(x_in, context, t), lambda: f"the UNet (models['diffusion']) at timestep {float(t):g}, "
+                      f"on latents as large as {x_in.abs().max().item():.3g},")
 
     def noise_model(x: torch.Tensor, t) -> torch.Tensor:
         x_in = x if unet_extra is None else torch.cat([x, unet_extra], dim=1)  # (B, 4 or 9, h, w)
         if not do_cfg:
-            return diffusion(x_in, context, t)
-        eps_uncond, eps_cond = diffusion(torch.cat([x_in] * 2), context, t).chunk(2)
-        return eps_uncond + cfg_scale * (eps_cond - eps_uncond)  # Ho & Salimans eq. (6)
+            return unet(x_in, t)
+        eps_uncond, eps_cond = unet(torch.cat([x_in] * 2), t).chunk(2)
+        return finite(eps_uncond + cfg_scale * (eps_cond - eps_uncond),  # Ho & Salimans eq. (6)
+                      f"classifier-free guidance (cfg_scale={cfg_scale:g}) at timestep {float(t):g}")
 
     return noise_model
 
 
 def with_guidance_fn(noise_model: NoiseModel, decoder, loss_fn: Callable, scale: float,
-                     alphas_cumprod: torch.Tensor) -> NoiseModel:
+                     alphas_cumprod: torch.Tensor, finite: FiniteCheck = FiniteCheck()) -> NoiseModel:
     """ε̂ nudged down the gradient of loss_fn on the decoded x̂_0 (Dhariwal & Nichol eq. 14), ε̂ held constant in x̂_0:
     ε̂ + scale · sqrt(1 - ᾱ_t) · ∇_{x_t} loss, which moves x̂_0 by -scale · σ_t² · ∇_{x̂_0} loss."""
 
@@ -255,7 +307,9 @@ def with_guidance_fn(noise_model: NoiseModel, decoder, loss_fn: Callable, scale:
             if not isinstance(loss, torch.Tensor) or loss.shape not in ((), (1,), (x.shape[0],)):
                 got = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
                 raise ValueError(f"guidance_fn must return a loss tensor of shape () or ({x.shape[0]},), got {got}")
+            finite(loss.detach(), f"guidance_fn's loss at timestep {float(t):g}")
             (grad,) = torch.autograd.grad(loss.sum(), x_t)
+        grad = finite(grad, f"the gradient of guidance_fn's loss at timestep {float(t):g}")
         return eps + scale * (1 - alpha_bar) ** 0.5 * grad.to(eps.dtype)
 
     return guided
@@ -265,11 +319,13 @@ def with_guidance_fn(noise_model: NoiseModel, decoder, loss_fn: Callable, scale:
 
 
 def denoise(sampler, start: Start, noise_model: NoiseModel, callback: Callable | None = None,
-            progress: bool = True, desc: str | None = None) -> torch.Tensor:
+            progress: bool = True, desc: str | None = None, finite: FiniteCheck = FiniteCheck()) -> torch.Tensor:
     """One sampler step per timestep, from start.latents to the clean latents (B, C, h, w)."""
     latents = start.latents
+    n = len(sampler.timesteps)
     for i, t in enumerate(tqdm(sampler.timesteps.tolist(), disable=not progress, desc=desc)):
-        latents = sampler.step(i, latents, noise_model)
+        latents = finite(sampler.step(i, latents, noise_model),
+                         f"the {desc or 'sampler'} step {i + 1} of {n} (t={t:g})")
         if start.blend_mask is not None:
             # Keep what lies outside the mask: the original latents, noised to the level of the next step
             # (after the last step: the original latents themselves).
@@ -283,10 +339,11 @@ def denoise(sampler, start: Start, noise_model: NoiseModel, callback: Callable |
 # --- stage 6: latents -> pixels -------------------------------------------------------------------------------------
 
 
-def decode(decoder, latents: torch.Tensor, image: torch.Tensor | None = None, mask: torch.Tensor | None = None):
+def decode(decoder, latents: torch.Tensor, image: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+           finite: FiniteCheck = FiniteCheck()):
     """(B, 3, H, W) in about [-1, 1]. With image and mask (paste_back): outside the mask, the input image exactly as
     it went into the encoder (in the decoder's dtype)."""
-    images = decoder(latents)
+    images = finite(decoder(latents), "the VAE decoder (models['decoder'])")
     if mask is not None:
         images = mask * images + (1 - mask) * image.to(images.dtype)
     return images
@@ -324,6 +381,8 @@ def generate(
     guidance_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
     guidance_fn_scale: float | None = None,
     output_type: str = "np",
+    resize_mode: str = "stretch",
+    nonfinite: str = "raise",
 ):
     """Make images from text (and optionally an image to start from and a mask of what to repaint).
 
@@ -351,52 +410,60 @@ def generate(
     It costs a decoder forward and backward per model evaluation.
     output_type: "np" (default, as the tutorial): a uint8 array (H, W, 3) for one prompt string and one image,
     else (B, H, W, 3); "pil": a list of PIL images (as diffusers), whatever the batch.
+    resize_mode: how input_image and mask_image are fitted to height x width: "stretch" (diffusers', with a warning
+    when it changes their shape) or "crop" (scaled to cover, the centre kept).
+    nonfinite: NaN/inf in any model's output or step stops the call with where it appeared ("raise"), or warns once
+    ("warn", to debug). A call that fails leaves every model on the device it was on.
     """
     prompts, negatives = check_prompts(prompt, uncond_prompt, negative_prompt)
     check_models(models, needs_encoder=input_image is not None)
     height, width = default_size(models, height, width)
     check_inputs(models, input_image, mask_image, strength, cfg_scale, height, width, num_images, seed, generator,
-                 sampler_name, eta, guidance_fn, guidance_fn_scale, paste_back, output_type)
-    generator = make_generator(seed, generator)
-    # Cheap, and checks the sampler's name, step count and options: still before any model runs.
-    sampler = make_sampler(sampler_name, generator, n_inference_steps, **({} if eta is None else {"eta": eta}))
-    tokenizer = tokenizer if tokenizer is not None else load_tokenizer()
-
+                 sampler_name, eta, guidance_fn, guidance_fn_scale, paste_back, output_type, tokenizer, resize_mode,
+                 nonfinite)
     diffusion, decoder = models["diffusion"], models["decoder"]
-    device = torch.device(device) if device is not None else next(diffusion.parameters()).device
+    device = resolve_device(device, default=model_device(diffusion))
+    idle_device = None if idle_device is None else resolve_device(idle_device)
     dtype = next(diffusion.parameters()).dtype
     prompts = [p for p in prompts for _ in range(num_images)]
     negatives = [n for n in negatives for _ in range(num_images)]
     B = len(prompts)
+    check_size(models, height, width, B, device, dtype)
+    generator = make_generator(seed, generator)
+    # Cheap, and checks the sampler's name, step count (cut to strength) and options: still before any model runs.
+    sampler = make_sampler(sampler_name, generator, n_inference_steps, strength if input_image is not None else None,
+                           **({} if eta is None else {"eta": eta}))
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer()
     downscale = decoder.config.downscale
     latent_shape = (B, diffusion.config.out_channels, height // downscale, width // downscale)
+    finite = FiniteCheck(nonfinite)
 
     def randn(shape) -> torch.Tensor:
         return torch.randn(shape, generator=generator, dtype=dtype, device=generator.device).to(device)
 
     image = mask = None
     if input_image is not None:
-        image = image_to_tensor(input_image, width, height).to(device, dtype)  # (1, 3, H, W)
+        image = image_to_tensor(input_image, width, height, resize_mode).to(device, dtype)  # (1, 3, H, W)
     if mask_image is not None:
-        mask = mask_to_tensor(mask_image, width, height).to(device, dtype)  # (1, 1, H, W)
+        mask = mask_to_tensor(mask_image, width, height, resize_mode).to(device, dtype)  # (1, 1, H, W)
 
-    with torch.inference_mode():
+    with torch.inference_mode(), restored_on_failure(models):
         with on_device(models["clip"], device, idle_device) as clip:
-            context, tokens = encode_prompt(clip, tokenizer, prompts, negatives, do_cfg, device, dtype)
+            context, tokens = encode_prompt(clip, tokenizer, prompts, negatives, do_cfg, device, dtype, finite)
         with on_device(models.get("encoder") if image is not None else None, device, idle_device) as encoder:
             start = prepare_latents(encoder, sampler, randn, latent_shape, image, mask, strength,
-                                    is_inpainting_unet(diffusion))
-        noise_model = make_noise_model(diffusion, context, do_cfg, cfg_scale, start.unet_extra)
+                                    is_inpainting_unet(diffusion), finite)
+        noise_model = make_noise_model(diffusion, context, do_cfg, cfg_scale, start.unet_extra, finite)
         if guidance_fn is not None:
             scale = GUIDANCE_FN_SCALE if guidance_fn_scale is None else guidance_fn_scale
             alphas_cumprod = make_alphas_cumprod(make_betas(sampler.n_training_steps))
-            noise_model = with_guidance_fn(noise_model, decoder, guidance_fn, scale, alphas_cumprod)
+            noise_model = with_guidance_fn(noise_model, decoder, guidance_fn, scale, alphas_cumprod, finite)
         # Attention maps: hooks only while sampling, on the conditional half of the UNet's batch under CFG.
         recording = contextlib.nullcontext() if attention_maps is None else \
             attention_maps.recording(diffusion, slice(B, 2 * B) if do_cfg else slice(0, B), tokens[-B:], tokenizer)
         with on_device(diffusion, device, idle_device), \
                 on_device(decoder if guidance_fn is not None else None, device, None), recording:
-            latents = denoise(sampler, start, noise_model, callback, progress, desc=sampler_name)
+            latents = denoise(sampler, start, noise_model, callback, progress, sampler_name, finite)
         with on_device(decoder, device, idle_device):
-            images = decode(decoder, latents, *((image, mask) if paste_back else ()))
+            images = decode(decoder, latents, *((image, mask) if paste_back else (None, None)), finite)
     return to_output(images, output_type, batched=not isinstance(prompt, str) or num_images > 1)

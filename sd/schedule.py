@@ -8,7 +8,7 @@ Reference: Ho et al. 2020, "Denoising Diffusion Probabilistic Models", eq. (4): 
 
 import torch
 
-from .checks import is_int, is_number
+from .checks import is_finite_number, is_int
 
 N_TRAINING_STEPS = 1000  # v1-inference.yaml: timesteps
 BETA_START = 0.00085     # v1-inference.yaml: linear_start
@@ -26,25 +26,33 @@ def make_alphas_cumprod(betas: torch.Tensor) -> torch.Tensor:
     return torch.cumprod(1.0 - betas, dim=0)
 
 
-def check_n_inference_steps(n_inference_steps, n_training_steps: int = N_TRAINING_STEPS) -> None:
-    if not is_int(n_inference_steps) or not 0 < n_inference_steps <= n_training_steps:
-        raise ValueError(f"n_inference_steps must be an integer from 1 to {n_training_steps}, got {n_inference_steps!r}")
+def check_n_inference_steps(n_inference_steps, max_steps: int = N_TRAINING_STEPS, sampler: str | None = None) -> None:
+    """1 to max_steps: the most steps whose timesteps are distinct and inside the training schedule."""
+    if not is_int(n_inference_steps) or not 0 < n_inference_steps <= max_steps:
+        which = f" for the {sampler} sampler" if sampler else ""
+        raise ValueError(f"n_inference_steps must be an integer from 1 to {max_steps}{which}, got {n_inference_steps!r}")
 
 
 def leading_timesteps(n_inference_steps: int, n_training_steps: int = N_TRAINING_STEPS, steps_offset: int = STEPS_OFFSET) -> torch.Tensor:
     """The timesteps to visit, noisiest first, evenly spaced from the start ("leading" spacing, as diffusers
-    uses for SD 1.5): 50 steps -> 981, 961, ..., 21, 1. int64 (n_inference_steps,)."""
-    check_n_inference_steps(n_inference_steps, n_training_steps)
+    uses for SD 1.5): 50 steps -> 981, 961, ..., 21, 1. int64 (n_inference_steps,). At most n_training_steps -
+    steps_offset steps: with n_training_steps of them the first would be t = 1000, past the schedule."""
+    check_n_inference_steps(n_inference_steps, n_training_steps - steps_offset)
     step_ratio = n_training_steps // n_inference_steps
     return torch.arange(n_inference_steps - 1, -1, -1, dtype=torch.int64) * step_ratio + steps_offset
 
 
 def start_step(n_inference_steps: int, strength: float) -> int:
     """Image-to-image: how many of the first (noisiest) steps to skip. strength 1 skips none (pure noise);
-    strength 0.5 starts half-way. As diffusers: int(n * strength) steps are run."""
-    if not is_number(strength) or not 0 < strength <= 1:
+    strength 0.5 starts half-way. As diffusers: int(n * strength) steps are run, and at least one must be."""
+    if not is_finite_number(strength) or not 0 < strength <= 1:
         raise ValueError(f"strength must be a number in (0, 1], got {strength!r}")
-    return n_inference_steps - min(int(n_inference_steps * strength), n_inference_steps)
+    run = min(int(n_inference_steps * strength), n_inference_steps)
+    if run < 1:
+        fewest = next(n for n in range(n_inference_steps, n_inference_steps + int(1 / strength) + 2) if int(n * strength))
+        raise ValueError(f"strength {strength} of {n_inference_steps} steps runs int({n_inference_steps} x {strength}) = 0 "
+                         f"steps; give at least {fewest} steps or a strength of at least {1 / n_inference_steps:.3g}")
+    return n_inference_steps - run
 
 
 # --- sigma space (Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based Generative Models") ---

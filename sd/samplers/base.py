@@ -31,6 +31,11 @@ class SigmaSampler:
         self.n_training_steps = n_training_steps
         self.all_sigmas = sigmas_from_alphas_cumprod(make_alphas_cumprod(make_betas(n_training_steps, beta_start, beta_end)))
 
+    @property
+    def max_inference_steps(self) -> int:
+        """Fractional timesteps over [0, n_training_steps - 1]: any count up to one per training step."""
+        return self.n_training_steps
+
     def set_inference_timesteps(self, n_inference_steps: int = 50) -> None:
         self.n_inference_steps = n_inference_steps
         timesteps = linspace_timesteps(n_inference_steps, self.n_training_steps)

@@ -7,14 +7,14 @@ Diffusion Implicit Models", eq. (12) and (16): eta = 0 is deterministic, eta = 1
 
 import torch
 
-from ..checks import is_number
+from ..checks import is_finite_number
 from ..ddpm import DDPMSampler, NoiseModel, randn_like
 
 
 class DDIMSampler(DDPMSampler):
     def __init__(self, generator: torch.Generator | None = None, eta: float = 0.0, **schedule):
         super().__init__(generator, **schedule)
-        if not is_number(eta) or eta < 0:
+        if not is_finite_number(eta) or eta < 0:
             raise ValueError(f"eta must be a number >= 0 (0: deterministic DDIM, 1: DDPM-like noise), got {eta!r}")
         self.eta = eta
         # SD's config has set_alpha_to_one False: the step after the last lands on ᾱ_0, not on 1.

@@ -14,8 +14,9 @@ from .base import SigmaSampler
 
 def dpm_solver_timesteps(n_inference_steps: int, n_training_steps: int = N_TRAINING_STEPS) -> torch.Tensor:
     """diffusers' own "linspace" for this scheduler: n + 1 points over [0, n_training - 1], rounded to integers,
-    noisiest first, the last (t = 0) dropped: 10 steps -> 999, 899, ..., 100. int64 (n,)."""
-    check_n_inference_steps(n_inference_steps, n_training_steps)
+    noisiest first, the last (t = 0) dropped: 10 steps -> 999, 899, ..., 100. int64 (n,). At most n_training - 1
+    steps: with more, two rounded timesteps coincide, a step of length h = 0 divides by zero (diffusers: NaN)."""
+    check_n_inference_steps(n_inference_steps, n_training_steps - 1)
     points = torch.arange(n_inference_steps + 1, dtype=torch.float64) * ((n_training_steps - 1) / n_inference_steps)
     return points.round().long().flip(0)[:-1]  # as numpy's linspace computes it: i * step; rounds half to even
 
@@ -25,6 +26,10 @@ class DPMSolverPP2MSampler(SigmaSampler):
     each step works on x_σ = x0 + σ ε. History: prev_denoised, D(x; σ) of the previous step (None before)."""
 
     prev_denoised: torch.Tensor | None = None
+
+    @property
+    def max_inference_steps(self) -> int:
+        return self.n_training_steps if self.karras else self.n_training_steps - 1  # see dpm_solver_timesteps
 
     def set_inference_timesteps(self, n_inference_steps: int = 50) -> None:
         self.n_inference_steps = n_inference_steps
