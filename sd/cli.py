@@ -1,14 +1,23 @@
 """The `sd` command (also `python -m sd`): generate, img2img, inpaint and train from the shell.
 
-No tutorial counterpart (the tutorial drives the pipeline from a notebook). Each PNG carries its generation
-parameters in a `parameters` text chunk in the format AUTOMATIC1111's web UI writes, so other tools read them.
-Without --checkpoint the small model shipped in weights/ is used, so a fresh clone generates at once.
+No tutorial counterpart (the tutorial drives the pipeline from a notebook). Each image carries its generation
+parameters in the format AUTOMATIC1111's web UI writes (a PNG text chunk, or EXIF UserComment in a JPEG or WebP), so
+other tools read them. Without --checkpoint the small model shipped in weights/ is used, so a fresh clone generates at
+once. Everything is checked before the model loads; known errors are one line (main: the one error boundary).
 """
 
 import argparse
 import hashlib
+import json
+import re
 import sys
+import warnings
 from pathlib import Path
+
+from .checks import NonFiniteError
+from .files import check_image_output, is_disk_full, save_image
+from .images import RESIZE_MODES
+from .pipeline import NONFINITE
 
 # The embedded model: trained on CPU on sd.training.datasets' shapes (see weights/README.md for the command).
 EMBEDDED_CHECKPOINT = Path(__file__).resolve().parents[1] / "weights" / "sd-shapes.safetensors"
@@ -20,12 +29,36 @@ A1111_SAMPLERS = {
     "heun": "Heun", "lms": "LMS", "dpmpp_2m": "DPM++ 2M", "dpmpp_2m_karras": "DPM++ 2M Karras",
 }
 DTYPES = ("float32", "float16", "bfloat16")
+NEGATIVE_PREFIX = "Negative prompt: "
+PARAMETER = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')  # AUTOMATIC1111's re_param_code
+RANDOM_SEED = -1  # AUTOMATIC1111's "random": a seed is drawn and written in the PNG
+OUT_OF_MEMORY = re.compile(r"out of memory|can't allocate memory|not enough memory", re.IGNORECASE)
+
+
+def quote(value) -> str:
+    """A value as AUTOMATIC1111 writes it in the parameters line: JSON-quoted if it holds ',', ':' or a newline, so a
+    model named "a, b" cannot add fields of its own."""
+    text = str(value)
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
+
+
+def check_prompt_metadata(prompt: str, negative_prompt: str) -> None:
+    """Refuse the prompts AUTOMATIC1111's readers would misread: a prompt line starting "Negative prompt:" would be read
+    as the negative prompt, and anything after it as the rest of the text."""
+    for name, text in (("prompt", prompt), ("negative prompt", negative_prompt)):
+        if any(line.startswith(NEGATIVE_PREFIX.strip()) for line in text.split("\n")):
+            raise ValueError(f"the {name} has a line starting {NEGATIVE_PREFIX.strip()!r}, which the image's parameters "
+                             f"would misread; give the negative prompt with --negative-prompt, on one line")
 
 
 def a1111_parameters(prompt: str, negative_prompt: str, steps: int, sampler: str, cfg_scale: float, seed: int,
                      width: int, height: int, checkpoint: Path, model_hash: str | None,
-                     strength: float | None = None, batch: tuple[int, int] | None = None) -> str:
-    """The text AUTOMATIC1111 stores in a PNG's "parameters" chunk: prompt, negative prompt, then key: value pairs."""
+                     strength: float | None = None, batch: tuple[int, int] | None = None,
+                     steps_run: int | None = None) -> str:
+    """The text AUTOMATIC1111 stores in a PNG's "parameters" chunk: prompt, negative prompt, then key: value pairs.
+    Steps is what was asked (as AUTOMATIC1111 writes it, so the image can be made again); image-to-image at a strength
+    below 1 runs fewer, written as "Steps run"."""
+    check_prompt_metadata(prompt, negative_prompt)
     fields = [("Steps", steps), ("Sampler", A1111_SAMPLERS[sampler]), ("CFG scale", cfg_scale), ("Seed", seed),
               ("Size", f"{width}x{height}")]
     if model_hash:
@@ -33,25 +66,25 @@ def a1111_parameters(prompt: str, negative_prompt: str, steps: int, sampler: str
     fields.append(("Model", checkpoint.stem))
     if strength is not None:
         fields.append(("Denoising strength", strength))
+    if steps_run is not None and steps_run != steps:
+        fields.append(("Steps run", steps_run))
     if batch is not None and batch[0] > 1:
         fields += [("Batch size", batch[0]), ("Batch pos", batch[1])]
-    lines = [prompt] + ([f"Negative prompt: {negative_prompt}"] if negative_prompt else [])
-    return "\n".join(lines + [", ".join(f"{k}: {v}" for k, v in fields)])
+    lines = [prompt] + ([f"{NEGATIVE_PREFIX}{negative_prompt}"] if negative_prompt else [])
+    return "\n".join(lines + [", ".join(f"{k}: {quote(v)}" for k, v in fields)])
 
 
 def parse_a1111_parameters(text: str) -> dict[str, str]:
-    """Read the "parameters" text back: {"prompt", "negative_prompt", "Steps", "Sampler", ...}."""
-    lines = text.split("\n")
-    *head, last = lines
+    """Read the "parameters" text back: {"prompt", "negative_prompt", "Steps", "Sampler", ...}; quoted values unquoted."""
+    *head, last = text.split("\n")
     result = {"prompt": "", "negative_prompt": ""}
-    negative = [i for i, line in enumerate(head) if line.startswith("Negative prompt: ")]
+    negative = [i for i, line in enumerate(head) if line.startswith(NEGATIVE_PREFIX)]
     cut = negative[0] if negative else len(head)
     result["prompt"] = "\n".join(head[:cut])
     if negative:
-        result["negative_prompt"] = "\n".join(head[cut:])[len("Negative prompt: "):]
-    for pair in last.split(", "):
-        key, _, value = pair.partition(": ")
-        result[key] = value
+        result["negative_prompt"] = "\n".join(head[cut:])[len(NEGATIVE_PREFIX):]
+    for key, value in PARAMETER.findall(last):
+        result[key] = json.loads(value) if value.startswith('"') else value
     return result
 
 
@@ -68,22 +101,37 @@ def model_hash(path: Path) -> str | None:
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", help="what to draw")
-    p.add_argument("-o", "--output", default="out.png", help="PNG to write; with several images: out-0.png, out-1.png, ...")
+    p.add_argument("-o", "--output", default="out.png",
+                   help="image to write: .png, .jpg or .webp, with the parameters in it; with several images "
+                        "out-0.png, out-1.png, ...; an existing file is kept and the next free name used")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("-n", "--negative-prompt", default="", help="what to steer away from")
     p.add_argument("--sampler", default="dpmpp_2m_karras", choices=list(A1111_SAMPLERS))
     p.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
     p.add_argument("--cfg-scale", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
-    p.add_argument("--seed", type=int, default=None, help="random seed (default: a random one, written in the PNG)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="random seed, 0 to 2**64 - 1 (default, or -1: a random one, written in the image)")
     p.add_argument("--height", type=int, default=None, help="image height (default: the model's training size)")
     p.add_argument("--width", type=int, default=None, help="image width (default: the model's training size)")
     p.add_argument("--num-images", type=int, default=1)
     p.add_argument("--checkpoint", type=Path, default=None,
                    help="SD 1.x .safetensors/.ckpt (default: the embedded model, weights/sd-shapes.safetensors)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, mps or auto (default)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default)")
     p.add_argument("--dtype", default="float32", choices=DTYPES)
+    p.add_argument("--nonfinite", default="raise", choices=NONFINITE,
+                   help="NaN/inf in a model's output: stop and say where (default), or warn and go on (to debug)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--preview", type=Path, default=None,
-                   help="PNG rewritten after every step with a cheap preview of the predicted image (watch it in a viewer)")
+                   help="image replaced after every step with a cheap preview of the predicted image (watch it in a "
+                        "viewer; each replacement is atomic)")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
+
+
+def _add_image_args(p: argparse.ArgumentParser, strength: float) -> None:
+    p.add_argument("--image", type=Path, required=True, help="start image (any mode and bit depth; EXIF rotation applied)")
+    p.add_argument("--strength", type=float, default=strength, help="how much of the image to replace, in (0, 1]")
+    p.add_argument("--resize-mode", default="stretch", choices=RESIZE_MODES,
+                   help="an image of another shape than the output: stretch it (default, with a warning) or crop it")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,28 +140,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_args(commands.add_parser("generate", help="text to image"))
     img2img = commands.add_parser("img2img", help="image to image")
     _add_generation_args(img2img)
-    img2img.add_argument("--image", type=Path, required=True, help="start image")
-    img2img.add_argument("--strength", type=float, default=0.6, help="how much of the image to replace, in (0, 1]")
+    _add_image_args(img2img, strength=0.6)
     inpaint = commands.add_parser("inpaint", help="repaint the white part of a mask")
     _add_generation_args(inpaint)
-    inpaint.add_argument("--image", type=Path, required=True, help="image to repaint")
+    _add_image_args(inpaint, strength=1.0)
     inpaint.add_argument("--mask", type=Path, required=True, help="mask, same size: white = repaint")
-    inpaint.add_argument("--strength", type=float, default=1.0)
     inpaint.add_argument("--paste-back", action="store_true", help="keep the unmasked pixels exactly")
     commands.add_parser("train", help="train a small model on synthetic shapes (sd train --help)", add_help=False)
     return parser
-
-
-def _device(name: str):
-    import torch
-
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
 
 
 def _open_image(path: Path, what: str):
@@ -122,49 +156,78 @@ def _open_image(path: Path, what: str):
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
     try:
-        return Image.open(path)
-    except UnidentifiedImageError:
-        raise ValueError(f"{what} {path} is not an image PIL can read") from None
+        image = Image.open(path)
+        image.load()  # a truncated or damaged file fails here, with its name, not half-way through generation
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError) as e:
+        raise ValueError(f"{what} {path} is not an image PIL can read ({e})") from None
+    return image
 
 
 def _preview_writer(models, path: Path, width: int, height: int):
-    """A generate() callback that writes the linear latent preview of x̂_0 (the images side by side) to path."""
+    """A generate() callback that writes the linear latent preview of x̂_0 (the images side by side) to path,
+    replacing it atomically: a viewer never reads half a file."""
     from PIL import Image
 
     from .inspect.preview import LatentPreview
 
     preview = LatentPreview.for_models(models)
-    path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(i, t, latents, pred_original):
         frames = preview(pred_original, size=(width, height))
         strip = Image.new("RGB", (width * len(frames), height))
         for k, frame in enumerate(frames):
             strip.paste(frame, (k * width, 0))
-        strip.save(path, format="PNG")
+        save_image(strip, path, overwrite=True)
 
     return write
 
 
-def run_generation(args: argparse.Namespace) -> list[Path]:
+def output_paths(output: Path, n: int) -> list[Path]:
+    """Where the n images go, each checked (extension, folder) before any work."""
+    paths = [output] if n == 1 else [output.with_name(f"{output.stem}-{i}{output.suffix}") for i in range(n)]
+    return [check_image_output(path) for path in paths]
+
+
+def resolve_seed(seed: int | None) -> int:
     import random
 
-    import torch
-    from PIL.PngImagePlugin import PngInfo
+    if seed is None or seed == RANDOM_SEED:
+        return random.randrange(2**32)
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"--seed must be from 0 to 2**64 - 1, or -1 for a random one, got {seed}")
+    return seed
 
+
+def steps_run(args: argparse.Namespace, image) -> int:
+    """The steps the sampler will really run (image-to-image runs int(steps x strength)), checked before loading."""
+    from .samplers import make_sampler
+
+    return len(make_sampler(args.sampler, None, args.steps, args.strength if image is not None else None).timesteps)
+
+
+def run_generation(args: argparse.Namespace) -> list[Path]:
+    import torch
+
+    from .devices import resolve_device
     from .model_loader import preload_models_from_standard_weights
-    from .pipeline import default_size, generate
+    from .pipeline import check_numbers, default_size, generate
 
     checkpoint = args.checkpoint or EMBEDDED_CHECKPOINT
     if args.checkpoint is None and not checkpoint.is_file():
         raise FileNotFoundError(f"the embedded model {checkpoint} is missing from this installation; "
                                 "pass --checkpoint weights/v1-5-pruned-emaonly.safetensors (see weights/README.md)")
+    paths = output_paths(Path(args.output), args.num_images)
+    if args.preview:
+        check_image_output(args.preview)
+    check_prompt_metadata(args.prompt, args.negative_prompt)
     image = _open_image(args.image, "image") if getattr(args, "image", None) else None
     mask = _open_image(args.mask, "mask") if getattr(args, "mask", None) else None
-    seed = args.seed if args.seed is not None else random.randrange(2**32)
-    device = _device(args.device)
+    run = steps_run(args, image)
+    seed = resolve_seed(args.seed)
+    check_numbers(args.cfg_scale, getattr(args, "strength", 1.0), args.num_images, seed, None, args.height, args.width)
+    device = resolve_device(args.device)
     label = "embedded model" if args.checkpoint is None else "checkpoint"
-    print(f"sd: {label} {checkpoint} on {device}, {args.sampler} {args.steps} steps, seed {seed}", file=sys.stderr)
+    print(f"sd: {label} {checkpoint} on {device}, {args.sampler} {run} steps, seed {seed}", file=sys.stderr)
 
     models = preload_models_from_standard_weights(checkpoint, device=device, dtype=getattr(torch, args.dtype))
     height, width = default_size(models, args.height, args.width)  # the model's training size unless given
@@ -173,42 +236,76 @@ def run_generation(args: argparse.Namespace) -> list[Path]:
                       strength=getattr(args, "strength", 0.8), cfg_scale=args.cfg_scale, sampler_name=args.sampler,
                       n_inference_steps=args.steps, models=models, seed=seed, device=device, height=height,
                       width=width, num_images=args.num_images, paste_back=getattr(args, "paste_back", False),
-                      progress=not args.quiet, callback=show, output_type="pil")
+                      progress=not args.quiet, callback=show, output_type="pil",
+                      resize_mode=getattr(args, "resize_mode", "stretch"), nonfinite=args.nonfinite)
     digest = model_hash(checkpoint)
-    output = Path(args.output)
-    paths = []
-    for i, picture in enumerate(images):
-        path = output if len(images) == 1 else output.with_name(f"{output.stem}-{i}{output.suffix or '.png'}")
-        info = PngInfo()
-        info.add_text("parameters", a1111_parameters(
+    written = []
+    for i, (picture, path) in enumerate(zip(images, paths)):
+        parameters = a1111_parameters(
             args.prompt, args.negative_prompt, args.steps, args.sampler, args.cfg_scale, seed, width, height,
-            checkpoint, digest, strength=getattr(args, "strength", None) if image is not None else None,
-            batch=(len(images), i)))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        picture.save(path, format="PNG", pnginfo=info)
-        paths.append(path)
-        print(f"sd: wrote {path}", file=sys.stderr)
-    return paths
+            checkpoint, digest, strength=args.strength if image is not None else None, batch=(len(images), i),
+            steps_run=run)
+        written.append(save_image(picture, path, parameters, overwrite=args.overwrite))
+        note = "" if written[-1] == path else f" ({path} exists; --overwrite replaces it)"
+        print(f"sd: wrote {written[-1]}{note}", file=sys.stderr)
+    return written
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+# --- one error boundary for every subcommand ---------------------------------------------------------------------
+
+
+def explain(error: BaseException) -> str | None:
+    """The one line for an error a user can cause (what was wrong, what to do), or None for a bug: its traceback."""
+    import torch
+
+    if isinstance(error, (MemoryError, torch.OutOfMemoryError)) or \
+            (isinstance(error, RuntimeError) and OUT_OF_MEMORY.search(str(error))):
+        return ("out of memory: make fewer images (--num-images), smaller ones (--height/--width), or use "
+                "--dtype bfloat16 (float16 on a GPU)")
+    if isinstance(error, OSError) and is_disk_full(error):
+        return f"the disk is full{f' writing {error.filename}' if error.filename else ''}; nothing partial was left"
+    if isinstance(error, OSError) and not isinstance(error, FileNotFoundError) and error.filename:
+        return f"{error.strerror}: {error.filename}"
+    if isinstance(error, (ValueError, OSError, NonFiniteError)):
+        return str(error)
+    return None
+
+
+def _one_line_warnings(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"sd: warning: {message}", file=sys.stderr)
+
+
+def run_command(argv: list[str]) -> int:
     if argv[:1] == ["train"]:
         from .training.train import main as train_main
 
         return train_main(argv[1:]) or 0
-    args = build_parser().parse_args(argv)
-    from .checkpoint_io import CheckpointError
-
-    try:
-        run_generation(args)
-    except (FileNotFoundError, CheckpointError, ValueError) as e:
-        print(f"sd: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("sd: interrupted", file=sys.stderr)
-        return 130
+    run_generation(build_parser().parse_args(argv))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`sd ...`: every subcommand's known errors as one line and exit code 1, Ctrl-C as exit code 130 (no partial
+    file is left: every write is atomic); --debug shows the traceback instead."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]  # train parses its own options: take it out for both
+    with warnings.catch_warnings():
+        if not debug:
+            warnings.showwarning = _one_line_warnings
+        try:
+            return run_command(argv)
+        except KeyboardInterrupt:
+            if debug:
+                raise
+            print("sd: interrupted", file=sys.stderr)
+            return 130
+        except Exception as error:
+            message = None if debug else explain(error)
+            if message is None:
+                raise
+            print(f"sd: error: {message}", file=sys.stderr)
+            return 1
 
 
 if __name__ == "__main__":

@@ -103,3 +103,222 @@ def test_bad_arguments_exit_with_usage(capsys):
 def test_python_dash_m_sd_runs():
     result = subprocess.run([sys.executable, "-m", "sd", "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "generate" in result.stdout and "inpaint" in result.stdout
+
+
+# --- issue 11: what a hostile new user tried ---------------------------------------------------------------------
+
+
+def generate_args(checkpoint, out, *extra):
+    return ["generate", "a cat", "-o", str(out), "--checkpoint", str(checkpoint), "--steps", "2", "--seed", "3",
+            "--quiet", *extra]
+
+
+@pytest.mark.parametrize("name,fmt", [("x.jpg", "JPEG"), ("x.webp", "WEBP"), ("x.png", "PNG")])
+def test_the_output_format_follows_the_extension(checkpoint, tmp_path, name, fmt):
+    from sd.files import read_parameters
+
+    assert main(generate_args(checkpoint, tmp_path / name)) == 0
+    assert Image.open(tmp_path / name).format == fmt
+    assert parse_a1111_parameters(read_parameters(tmp_path / name))["Seed"] == "3"
+
+
+def test_an_existing_output_is_kept_unless_overwrite(checkpoint, tmp_path, capsys):
+    out = tmp_path / "out.png"
+    out.write_text("my notes")
+    assert main(generate_args(checkpoint, out)) == 0
+    assert out.read_text() == "my notes" and Image.open(tmp_path / "out-1.png").size == (16, 16)
+    assert f"wrote {tmp_path / 'out-1.png'} ({out} exists; --overwrite replaces it)" in capsys.readouterr().err
+    assert main(generate_args(checkpoint, out, "--overwrite")) == 0
+    assert Image.open(out).format == "PNG" and not (tmp_path / "out-2.png").exists()
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Every check below must come before the checkpoint is read."""
+    import sd.model_loader
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(sd.model_loader, "preload_models_from_standard_weights", refuse)
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--cfg-scale", "nan"], "cfg_scale must be a finite number, got nan"),
+    (["--cfg-scale", "inf"], "cfg_scale must be a finite number, got inf"),
+    (["--width", "0"], "width must be a positive integer, got 0"),
+    (["--num-images", "0"], "num_images must be a positive integer"),
+    (["--seed", "-5"], "--seed must be from 0 to 2**64 - 1, or -1 for a random one, got -5"),
+    (["--steps", "1000", "--sampler", "ddim"], "from 1 to 999 for the ddim sampler, got 1000"),
+    (["--steps", "1000", "--sampler", "dpmpp_2m"], "from 1 to 999 for the dpmpp_2m sampler"),
+    (["--device", "bogus"], "device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got 'bogus'"),
+    (["--device", "meta"], "device 'meta' is not one sd runs on"),
+    (["--device", "cuda:99"], "device 'cuda:99': "),
+    (["--preview", "p.gif"], "cannot write 'p.gif': images are written as .png, .jpg, .jpeg, .webp"),
+])
+def test_bad_values_are_one_line_before_the_model_loads(checkpoint, tmp_path, capsys, no_model_load, extra, message):
+    assert main(generate_args(checkpoint, tmp_path / "x.png", *extra)) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("sd: error: ") and message in err and "Traceback" not in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
+@pytest.mark.parametrize("device,message", [("cuda", "CUDA is not available here"), ("mps", "MPS) is not available")])
+def test_a_missing_gpu_is_one_line(checkpoint, tmp_path, capsys, no_model_load, device, message):
+    assert main(generate_args(checkpoint, tmp_path / "x.png", "--device", device)) == 1
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("output,message", [
+    (".", "is a folder; give a file name such as"),
+    ("notes.txt/x.png", "notes.txt is a file, not a folder"),
+    ("x.gif", "cannot write 'x.gif'"),
+    ("x", "cannot write 'x'"),
+])
+def test_bad_output_paths_are_refused_before_any_work(checkpoint, tmp_path, capsys, no_model_load, output, message):
+    (tmp_path / "notes.txt").write_text("keep me")
+    assert main(generate_args(checkpoint, tmp_path / output)) == 1
+    assert message in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
+
+
+def test_img2img_with_too_few_steps_for_its_strength_is_refused(checkpoint, tmp_path, capsys, no_model_load):
+    start = tmp_path / "start.png"
+    Image.new("RGB", (16, 16), "red").save(start)
+    assert main(["img2img", "a cat", "--image", str(start), "--steps", "1", "-o", str(tmp_path / "x.png"),
+                 "--checkpoint", str(checkpoint), "--quiet"]) == 1  # strength 0.6 of 1 step: 0 steps
+    assert "strength 0.6 of 1 steps runs int(1 x 0.6) = 0 steps; give at least 2 steps" in capsys.readouterr().err
+
+
+def test_img2img_writes_the_steps_it_ran(checkpoint, tmp_path):
+    start = tmp_path / "start.png"
+    Image.new("RGB", (16, 16), "red").save(start)
+    assert main(["img2img", "a cat", "--image", str(start), "--steps", "5", "--strength", "0.6",
+                 "-o", str(tmp_path / "x.png"), "--checkpoint", str(checkpoint), "--quiet"]) == 0
+    params = parse_a1111_parameters(Image.open(tmp_path / "x.png").text["parameters"])
+    assert params["Steps"] == "5" and params["Steps run"] == "3" and params["Denoising strength"] == "0.6"
+
+
+def test_seed_minus_one_is_random_and_the_seed_used_is_written(checkpoint, tmp_path):
+    seeds = set()
+    for name in ("a.png", "b.png"):
+        assert main(generate_args(checkpoint, tmp_path / name, "--seed", "-1")) == 0
+        seeds.add(parse_a1111_parameters(Image.open(tmp_path / name).text["parameters"])["Seed"])
+    assert len(seeds) == 2 and "-1" not in seeds
+
+
+@pytest.mark.parametrize("prompt", ["a cat\nNegative prompt: nothing", "Negative prompt: x"])
+def test_a_prompt_that_would_forge_the_parameters_is_refused(checkpoint, tmp_path, capsys, prompt):
+    argv = generate_args(checkpoint, tmp_path / "x.png")
+    argv[1] = prompt
+    assert main(argv) == 1
+    assert "has a line starting 'Negative prompt:'" in capsys.readouterr().err
+
+
+def test_values_with_commas_are_quoted_as_automatic1111_quotes_them():
+    from pathlib import Path
+
+    text = a1111_parameters("p", "", 20, "ddim", 7.5, 1, 64, 64, Path("my, model: v2.safetensors"), None)
+    assert 'Model: "my, model: v2"' in text
+    parsed = parse_a1111_parameters(text)
+    assert parsed["Model"] == "my, model: v2" and parsed["Seed"] == "1" and "v2" not in parsed
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_partial_file(checkpoint, tmp_path, capsys, monkeypatch):
+    import errno
+
+    real_save = Image.Image.save
+
+    def full(self, fp, *args, **kwargs):
+        real_save(self, fp, *args, **kwargs)  # some bytes reach the disk, then it is full
+        raise OSError(errno.ENOSPC, "No space left on device", str(fp))
+
+    monkeypatch.setattr(Image.Image, "save", full)
+    assert main(generate_args(checkpoint, tmp_path / "x.png")) == 1
+    err = capsys.readouterr().err
+    assert "sd: error: the disk is full writing" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("error", [
+    RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not enough memory: you tried to "
+                 "allocate 1073741824 bytes."),
+    MemoryError(),
+])
+def test_out_of_memory_is_one_line(checkpoint, tmp_path, capsys, monkeypatch, error):
+    import sd.pipeline
+
+    def oom(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(sd.pipeline, "generate", oom)
+    assert main(generate_args(checkpoint, tmp_path / "x.png", "--num-images", "10000")) == 1
+    assert "sd: error: out of memory: make fewer images (--num-images)" in capsys.readouterr().err
+
+
+def test_nan_weights_stop_with_where_and_warn_goes_on(tmp_path, capsys):
+    import torch
+
+    models = random_models(tiny_configs(), seed=8)
+    with torch.no_grad():
+        next(models["diffusion"].parameters()).view(-1)[0] = float("nan")
+    broken = save_standard_weights(models, tmp_path / "broken.safetensors", metadata={IMAGE_SIZE_METADATA_KEY: "16"})
+    assert main(generate_args(broken, tmp_path / "x.png")) == 1
+    err = capsys.readouterr().err
+    assert "sd: error: the UNet (models['diffusion']) at timestep" in err and "gave NaN or inf" in err
+    assert not (tmp_path / "x.png").exists()  # a black image with exit code 0, before
+    assert main(generate_args(broken, tmp_path / "x.png", "--nonfinite", "warn")) == 0
+    assert "sd: warning: the UNet" in capsys.readouterr().err and (tmp_path / "x.png").exists()
+
+
+def test_debug_shows_the_traceback(checkpoint, tmp_path):
+    with pytest.raises(ValueError, match="device must be"):
+        main(generate_args(checkpoint, tmp_path / "x.png", "--device", "bogus", "--debug"))
+
+
+def test_train_argument_errors_are_one_line(tmp_path, capsys):
+    assert main(["train", "--out", str(tmp_path / "run"), "--steps", "0", "--vae-steps", "0"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("sd: error: ") and "steps" in err and "Traceback" not in err
+
+
+def _complete(folder) -> list[str]:
+    """Every file in folder, each of which must be a whole image; no temporary file may be left."""
+    names = sorted(p.name for p in folder.iterdir())
+    assert not [n for n in names if n.endswith(".tmp")], names
+    for name in names:
+        with Image.open(folder / name) as image:
+            image.load()  # raises on a truncated file
+    return names
+
+
+@pytest.mark.parametrize("moment", ["loading", "generating", "first image written", "fifth image written"])
+def test_ctrl_c_at_any_moment_leaves_only_complete_images(checkpoint, tmp_path, moment):
+    """SIGINT during the save loop once left an unreadable PNG. The process is interrupted when its stderr shows
+    the moment; exit code 130 (or 0 if it finished first), and the output folder holds only whole images."""
+    import signal
+
+    out = tmp_path / "out"
+    triggers = {"loading": "sd: checkpoint", "generating": "sd: checkpoint", "first image written": "sd: wrote",
+                "fifth image written": "sd: wrote"}
+    skip = {"fifth image written": 4, "generating": 0}.get(moment, 0)
+    proc = subprocess.Popen([sys.executable, "-m", "sd", "generate", "a cat", "-o", str(out / "x.png"),
+                             "--checkpoint", str(checkpoint), "--num-images", "40", "--steps", "2", "--quiet",
+                             "--preview", str(out / "preview.png")],
+                            stderr=subprocess.PIPE, text=True)
+    seen = 0
+    for line in proc.stderr:
+        if line.startswith(triggers[moment]):
+            if seen == skip:
+                if moment == "generating":
+                    __import__("time").sleep(0.3)
+                proc.send_signal(signal.SIGINT)
+                break
+            seen += 1
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=120) in (0, 130), rest
+    if proc.returncode == 130:
+        assert "sd: interrupted" in rest and "Traceback" not in rest
+    images = [name for name in _complete(out) if name.startswith("x-")] if out.exists() else []
+    assert proc.returncode == 0 or len(images) < 40  # interrupted: some images are missing, none is broken
