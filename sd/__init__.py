@@ -8,7 +8,8 @@ The tutorial's nine files are here at the top: attention, clip, encoder, decoder
 model_converter, model_loader, pipeline. What the tutorial does not have sits in folders named by role:
 samplers/ (DDIM ... DPM++ and their registry), inspect/ (attention maps, latent previews),
 training/ (the training loop and its datasets); beside them schedule (the noise schedule), tokenizer,
-checkpoint_io (reading checkpoint files safely), checks (argument checks) and cli (the `sd` command).
+checkpoint_io (reading checkpoint files safely), checks (argument checks), devices (where models run), images
+(input images normalised), files (every write atomic) and cli (the `sd` command).
 
 The public API:
     sd.preload_models_from_standard_weights(path, device, dtype)  -> {"clip", "encoder", "decoder", "diffusion"}
@@ -18,9 +19,11 @@ The public API:
     sd.AttentionMaps()          generate(..., attention_maps=...) fills it with per-token cross-attention maps
     sd.LatentPreview.for_models(models)(latents)                  -> cheap RGB previews of latents
     sd.samplers.SAMPLERS                                          -> the sampler names generate() accepts
+    sd.NonFiniteError           what generate() raises when NaN/inf appears, naming where
 """
 
 from . import samplers
+from .checks import NonFiniteError
 from .inspect.attention_maps import AttentionMaps
 from .inspect.preview import LatentPreview
 from .model_loader import preload_models_from_standard_weights, save_standard_weights
@@ -28,6 +31,6 @@ from .pipeline import generate
 from .tokenizer import load_tokenizer, tokenize
 
 __all__ = [
-    "AttentionMaps", "LatentPreview", "generate", "load_tokenizer", "preload_models_from_standard_weights",
+    "AttentionMaps", "LatentPreview", "NonFiniteError", "generate", "load_tokenizer", "preload_models_from_standard_weights",
     "samplers", "save_standard_weights", "tokenize",
 ]

@@ -21,6 +21,7 @@ PUBLIC = {
     "tokenize": "sd.tokenizer",
     "AttentionMaps": "sd.inspect.attention_maps",
     "LatentPreview": "sd.inspect.preview",
+    "NonFiniteError": "sd.checks",
 }
 
 
