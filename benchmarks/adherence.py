@@ -65,11 +65,13 @@ def main() -> None:
     if args.grid:
         from PIL import Image
 
+        from sd.files import save_image
+
         size = first[0]["image"].size[0]
         grid = Image.new("RGB", (size * 8, size * ((len(first) + 7) // 8)))
         for k, row in enumerate(first):
             grid.paste(row["image"], ((k % 8) * size, (k // 8) * size))
-        grid.save(args.grid)
+        save_image(grid, args.grid, overwrite=True)
         print(f"\nwrote {args.grid}")
     print("\nmisses with CFG (first seed):")
     for row in first:

@@ -20,6 +20,8 @@ import jupytext
 import nbformat
 from nbclient import NotebookClient
 
+from sd.files import atomic_output
+
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "demo.py"  # the notebook's cells, in jupytext's percent format
 EMBEDDED_MODEL = "weights/sd-shapes.safetensors"  # the model the committed notebook and CI run
@@ -101,7 +103,8 @@ def main() -> None:
             print(f"{s:7.1f} s  {section}")
         print(f"{time.perf_counter() - start:7.1f} s  in all (with the kernel's start)")
     nbformat.validate(nb)
-    nbformat.write(nb, str(args.output))
+    with atomic_output(args.output) as tmp:  # the committed notebook is replaced whole or not at all
+        nbformat.write(nb, str(tmp))
     print(f"wrote {args.output} ({args.output.stat().st_size / 1e6:.2f} MB)")
 
 

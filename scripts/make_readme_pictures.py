@@ -18,6 +18,7 @@ import torch  # noqa: E402
 import sd  # noqa: E402
 from sd.inspect.attention_maps import AttentionMaps  # noqa: E402
 from sd.cli import EMBEDDED_CHECKPOINT  # noqa: E402
+from sd.files import atomic_output  # noqa: E402
 from sd.model_loader import checkpoint_image_size  # noqa: E402
 from sd.pipeline import to_uint8  # noqa: E402
 from sd.inspect.preview import LatentPreview  # noqa: E402
@@ -25,6 +26,11 @@ from sd.inspect.preview import LatentPreview  # noqa: E402
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 DPI = 80
 GUIDANCE_SCALE = 300.0
+
+
+def savefig(fig, name: str) -> None:
+    with atomic_output(DOCS / name) as tmp:  # a picture the README shows is replaced whole or not at all
+        fig.savefig(tmp, dpi=DPI, format="png")
 
 
 def show_row(axes, images, titles, interpolation="nearest"):
@@ -53,7 +59,7 @@ def trajectory(models, size):
     show_row(axes[2], previews, ["x̂₀ linear preview" for _ in shown], interpolation="bilinear")
     fig.suptitle('"a red circle on a blue background", DDIM, 20 steps: decoded latents, decoded x̂₀, preview', fontsize=10)
     fig.tight_layout()
-    fig.savefig(DOCS / "denoising.png", dpi=DPI)
+    savefig(fig, "denoising.png")
 
 
 def guidance_scales(models, size):
@@ -68,7 +74,7 @@ def guidance_scales(models, size):
     show_row(axes, images, ["no CFG"] + [f"cfg_scale {s:g}" for s in scales])
     fig.suptitle(f'"{prompt}", seed 0', fontsize=10)
     fig.tight_layout()
-    fig.savefig(DOCS / "cfg.png", dpi=DPI)
+    savefig(fig, "cfg.png")
 
 
 def attention(models, size):
@@ -87,7 +93,7 @@ def attention(models, size):
         ax.axis("off")
     fig.suptitle("cross-attention per token (heads, layers and steps averaged)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(DOCS / "attention.png", dpi=DPI)
+    savefig(fig, "attention.png")
 
 
 def guidance_function(models, size):
@@ -107,7 +113,7 @@ def guidance_function(models, size):
     show_row(axes, images, titles)
     fig.suptitle("guidance_fn: a loss on the predicted image steers each step", fontsize=10)
     fig.tight_layout()
-    fig.savefig(DOCS / "guidance_fn.png", dpi=DPI)
+    savefig(fig, "guidance_fn.png")
 
 
 def main():

@@ -16,6 +16,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from sd.files import atomic_output
+
 BPE_NAME = "bpe_simple_vocab_16e6.txt.gz"
 DEFAULT_WHEEL = "clip-anytorch==2.6.0"  # PyPI repackaging of openai/CLIP; ships clip/bpe_simple_vocab_16e6.txt.gz
 # sha256 of that file as OpenAI ships it (openai/CLIP, clip-anytorch 2.6.0)
@@ -101,7 +103,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     for name, text in files.items():
         data = text.encode("utf-8")
-        (args.out / name).write_bytes(data)
+        with atomic_output(args.out / name) as tmp:
+            tmp.write_bytes(data)
         print(f"{hashlib.sha256(data).hexdigest()}  {name}  ({len(data):,} bytes)")
 
 
