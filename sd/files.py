@@ -73,13 +73,15 @@ def atomic_output(path: str | os.PathLike, overwrite: bool = True) -> Iterator[P
 
 
 def check_output_path(path: Path) -> None:
-    """Refuse, before any work, a path that is a folder or lies under a file."""
+    """Refuse, before any work, a path that is a folder, lies under a file or in a folder we may not write to."""
     if path.is_dir():
         raise OutputError(f"{path} is a folder; give a file name such as {path / 'out.png'}")
     for parent in path.parents:
         if parent.exists():
             if not parent.is_dir():
                 raise OutputError(f"cannot write {path}: {parent} is a file, not a folder")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise OutputError(f"cannot write {path}: the folder {parent} is not writable")
             break
 
 

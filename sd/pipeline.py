@@ -104,6 +104,20 @@ def is_inpainting_unet(diffusion) -> bool:
     return diffusion.config.in_channels == 2 * diffusion.config.out_channels + 1
 
 
+def check_numbers(cfg_scale, strength, num_images, seed=None, guidance_fn_scale=None, height=None, width=None) -> None:
+    """The numbers, each refused with its range, NaN and inf included; with no model needed, so the sd command
+    checks them before it loads one (sizes: only > 0 here; check_inputs knows the VAE's multiple)."""
+    for name, size in (("height", height), ("width", width)):
+        check(size is None or (is_int(size) and size > 0), f"{name} must be a positive integer, got {size!r}")
+    check(is_int(num_images) and num_images > 0, f"num_images must be a positive integer, got {num_images!r}")
+    check(is_finite_number(cfg_scale), f"cfg_scale must be a finite number, got {cfg_scale!r}")
+    check(is_finite_number(strength) and 0 < strength <= 1, f"strength must be a number in (0, 1], got {strength!r}")
+    check(seed is None or (is_int(seed) and 0 <= seed < MAX_SEED),
+          f"seed must be an integer from 0 to 2**64 - 1, or None for a random one, got {seed!r}")
+    check(guidance_fn_scale is None or is_finite_number(guidance_fn_scale),
+          f"guidance_fn_scale must be a finite number, got {guidance_fn_scale!r}")
+
+
 def check_inputs(models, input_image, mask_image, strength, cfg_scale, height, width, num_images, seed, generator,
                  sampler_name, eta, guidance_fn, guidance_fn_scale, paste_back, output_type, tokenizer=None,
                  resize_mode="stretch", nonfinite="raise") -> None:
@@ -112,9 +126,7 @@ def check_inputs(models, input_image, mask_image, strength, cfg_scale, height, w
     for name, size in (("height", height), ("width", width)):
         check(is_int(size) and size > 0 and size % downscale == 0,
               f"{name} must be a positive multiple of {downscale}, got {size!r}")
-    check(is_int(num_images) and num_images > 0, f"num_images must be a positive integer, got {num_images!r}")
-    check(is_finite_number(cfg_scale), f"cfg_scale must be a finite number, got {cfg_scale!r}")
-    check(is_finite_number(strength) and 0 < strength <= 1, f"strength must be a number in (0, 1], got {strength!r}")
+    check_numbers(cfg_scale, strength, num_images, seed, guidance_fn_scale)
     if input_image is not None and not isinstance(input_image, Image.Image):
         raise TypeError(f"input_image must be a PIL.Image.Image (open a file with PIL.Image.open), "
                         f"got {type(input_image).__name__}")
@@ -129,13 +141,9 @@ def check_inputs(models, input_image, mask_image, strength, cfg_scale, height, w
           "this checkpoint's UNet is an inpainting model (9 input channels): give input_image and mask_image")
     check(not paste_back or mask_image is not None, "paste_back needs a mask_image")
     check(seed is None or generator is None, "give seed or generator, not both")
-    check(seed is None or (is_int(seed) and 0 <= seed < MAX_SEED),
-          f"seed must be an integer from 0 to 2**64 - 1, or None for a random one, got {seed!r}")
     check(eta is None or sampler_name == "ddim", f"eta is an option of the ddim sampler, not of {sampler_name!r}")
     check(guidance_fn is not None or guidance_fn_scale is None,
           "guidance_fn_scale is the scale of guidance_fn: give a guidance_fn")
-    check(guidance_fn_scale is None or is_finite_number(guidance_fn_scale),
-          f"guidance_fn_scale must be a finite number, got {guidance_fn_scale!r}")
     check(output_type in OUTPUT_TYPES, f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
     check(resize_mode in RESIZE_MODES, f"resize_mode must be one of {', '.join(RESIZE_MODES)}, got {resize_mode!r}")
     check(nonfinite in NONFINITE, f"nonfinite must be one of {', '.join(NONFINITE)}, got {nonfinite!r}")
