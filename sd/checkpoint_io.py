@@ -20,6 +20,8 @@ from safetensors import SafetensorError, safe_open
 
 __all__ = ["CheckpointError", "UnsafeCheckpointError", "Checkpoint", "open_checkpoint"]
 
+CKPT_TENSORS_KEY = "state_dict"  # where SD's .ckpt files (PyTorch Lightning's) keep the weights
+
 
 class CheckpointError(ValueError):
     """The file is not a readable checkpoint: missing pieces, truncated, not a checkpoint, unsupported format."""
@@ -37,11 +39,12 @@ except (OSError, AttributeError, TypeError):
 
 
 class Checkpoint(dict):
-    """The tensors of one file by name, as views of the mapped file (shapes known, nothing read), and its metadata."""
+    """The tensors of one file by name, as views of the mapped file (shapes known, nothing read), and its metadata:
+    a .safetensors header's "__metadata__", or a .ckpt's top-level string entries (str -> str, as sd saves them)."""
 
     def __init__(self, path: pathlib.Path, format: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]):
         super().__init__(tensors)
-        self.path, self.format, self.metadata = path, format, metadata  # "safetensors" or "ckpt"; {} for a ckpt
+        self.path, self.format, self.metadata = path, format, metadata  # format: "safetensors" or "ckpt"
 
     def __repr__(self) -> str:
         return f"Checkpoint({str(self.path)!r}, format={self.format!r}, {len(self)} tensors)"
@@ -172,7 +175,15 @@ def _open_ckpt(path: pathlib.Path) -> Checkpoint:
             obj = torch.load(load_path, weights_only=True, mmap=True, map_location="cpu")
     except Exception as e:  # UnpicklingError, EOFError or IndexError on a cut pickle, RuntimeError from set_ ...
         raise CheckpointError(f"{path}: {_pickle_problem(e)}") from None
-    return Checkpoint(path, "ckpt", _state_dict(obj, path), {})
+    return Checkpoint(path, "ckpt", _state_dict(obj, path), _ckpt_metadata(obj))
+
+
+def _ckpt_metadata(obj: object) -> dict[str, str]:
+    """The unpickled object's top-level str -> str entries (sd_configs, sd_image_size, Lightning's version string);
+    counters, nested dicts and placeholders are not metadata."""
+    if not isinstance(obj, dict):
+        return {}
+    return {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, str)}
 
 
 def _check_zip(path: pathlib.Path) -> None:
@@ -243,7 +254,7 @@ def _pickle_problem(e: Exception) -> str:
 
 def _state_dict(obj: object, path: pathlib.Path) -> dict[str, torch.Tensor]:
     """The tensors in the unpickled object: obj["state_dict"] (how SD's .ckpt wraps them) or obj itself."""
-    state_dict = obj.get("state_dict") if isinstance(obj, dict) else None
+    state_dict = obj.get(CKPT_TENSORS_KEY) if isinstance(obj, dict) else None
     state_dict = state_dict if isinstance(state_dict, dict) else obj
     if not isinstance(state_dict, dict):
         kind = f"{type(obj).__module__}.{type(obj).__qualname__}"

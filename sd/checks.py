@@ -3,6 +3,7 @@
 No tutorial counterpart. Errors speak to the user: what was wrong and what is accepted (STYLE.md, habit 8).
 """
 
+import dataclasses
 import math
 
 
@@ -25,6 +26,28 @@ def check(condition: bool, message: str) -> None:
     """Raise ValueError(message) unless condition holds."""
     if not condition:
         raise ValueError(message)
+
+
+# What each field type of a model config accepts: sizes and counts are positive integers (not bools), norm epsilons
+# and scales finite numbers > 0, per-level tuples non-empty. A config file or a checkpoint's metadata can hold anything.
+# Keyed by the field's annotation (a type, not a string: these files do not use `from __future__ import annotations`).
+_FIELD_RULES = {
+    int: (lambda v: is_int(v) and v > 0, "a positive integer"),
+    float: (lambda v: is_finite_number(v) and v > 0, "a finite number > 0"),
+    tuple[int, ...]: (lambda v: isinstance(v, tuple) and len(v) > 0 and all(is_int(c) and c > 0 for c in v),
+                      "a non-empty list of positive integers"),
+    tuple[bool, ...]: (lambda v: isinstance(v, tuple) and len(v) > 0 and all(isinstance(c, bool) for c in v),
+                       "a non-empty list of true/false"),
+}
+
+
+def check_config_fields(cfg) -> None:
+    """Each field of a model config dataclass as its annotation says (_FIELD_RULES): ValueError naming the field,
+    its value and what is accepted. The relations between fields each config checks itself, after this."""
+    for field in dataclasses.fields(cfg):
+        accepts, accepted = _FIELD_RULES[field.type]
+        value = getattr(cfg, field.name)
+        check(accepts(value), f"{type(cfg).__name__}.{field.name} must be {accepted}, got {value!r}")
 
 
 class NonFiniteError(RuntimeError):

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .attention import SelfAttention
-
+from .checks import check, check_config_fields
 
 @dataclass(frozen=True)
 class CLIPConfig:
@@ -25,8 +25,9 @@ class CLIPConfig:
     layer_norm_eps: float = 1e-5
 
     def __post_init__(self):
-        if self.d_model % self.n_heads:
-            raise ValueError(f"CLIPConfig: d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+        check_config_fields(self)
+        check(self.d_model % self.n_heads == 0, f"CLIPConfig: d_model={self.d_model} must be divisible by "
+              f"n_heads={self.n_heads} (each head takes d_model / n_heads of the width)")
 
     @classmethod
     def tiny(cls) -> "CLIPConfig":

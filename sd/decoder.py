@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import SelfAttention
+from .checks import check, check_config_fields
 
 
 @dataclass(frozen=True)
@@ -26,9 +27,10 @@ class VAEConfig:
     latent_scale: float = 0.18215                           # v1-inference.yaml: scale_factor, gives latents ~unit variance
 
     def __post_init__(self):
+        check_config_fields(self)
         bad = [c for c in self.block_out_channels if c % self.n_groups]
-        if bad:
-            raise ValueError(f"VAEConfig: block_out_channels {bad} are not divisible by n_groups={self.n_groups}")
+        check(not bad, f"VAEConfig: block_out_channels {bad} must be divisible by n_groups={self.n_groups} "
+              f"(GroupNorm splits each width into n_groups groups)")
 
     @property
     def downscale(self) -> int:

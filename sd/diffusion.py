@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import CrossAttention, SelfAttention
+from .checks import check, check_config_fields
 
 MAX_PERIOD = 10_000  # longest wavelength of the sinusoidal timestep embedding (Transformer positional encoding)
 
@@ -36,11 +37,16 @@ class DiffusionConfig:
     sample_size: int = 64                                     # latent height and width it was trained at (512 px / 8): generate()'s default size
 
     def __post_init__(self):
-        if len(self.attention_levels) != len(self.channel_mult):
-            raise ValueError("DiffusionConfig: attention_levels needs one entry per channel_mult level")
+        check_config_fields(self)
+        check(len(self.attention_levels) == len(self.channel_mult), f"DiffusionConfig: attention_levels "
+              f"{self.attention_levels} needs one entry per channel_mult level {self.channel_mult}")
+        check(self.channel_mult[0] == 1, f"DiffusionConfig: channel_mult must start at 1 (the output layer takes "
+              f"model_channels), got {self.channel_mult}")
+        check(self.model_channels % 2 == 0, f"DiffusionConfig: model_channels must be even (the timestep embedding "
+              f"is half cosines, half sines), got {self.model_channels}")
         for w in self.widths:
-            if w % self.n_groups or w % self.n_heads:
-                raise ValueError(f"DiffusionConfig: width {w} must be divisible by n_groups={self.n_groups} and n_heads={self.n_heads}")
+            check(w % self.n_groups == 0 and w % self.n_heads == 0, f"DiffusionConfig: width {w} (model_channels x "
+                  f"channel_mult) must be divisible by n_groups={self.n_groups} and n_heads={self.n_heads}")
 
     @property
     def widths(self) -> tuple[int, ...]:

@@ -97,6 +97,18 @@ def test_ckpt_round_trip(tmp_path, wrapped):
         assert_same(ckpt[key], t)
 
 
+def test_ckpt_metadata_is_its_top_level_strings(tmp_path):
+    """How save_standard_weights records configs in a .ckpt: str -> str entries beside "state_dict". Anything else at
+    the top level (counters, nested dicts, bytes, placeholders) or inside the state dict is not metadata."""
+    sd = make_state_dict()
+    obj = {"state_dict": {**sd, "inner": "not metadata"}, "sd_configs": '{"clip": {}}', "sd_image_size": "64",
+           "pytorch-lightning_version": "1.4.2", "global_step": 470000, "hparams": {"name": "x"}, "raw": b"bytes",
+           7: "an int key"}
+    ckpt = open_checkpoint(save_ckpt(obj, tmp_path / "model.ckpt"))
+    assert ckpt.metadata == {"sd_configs": '{"clip": {}}', "sd_image_size": "64", "pytorch-lightning_version": "1.4.2"}
+    assert set(ckpt) == set(sd)
+
+
 @pytest.mark.parametrize("protocol", [1, 4])
 def test_ckpt_with_another_pickle_protocol_is_named(tmp_path, protocol):
     # torch's weights-only unpickler implements protocol 2 (torch.save's default) only.

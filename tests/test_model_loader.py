@@ -1,19 +1,26 @@
 """model_loader: every file form the released checkpoints come in, dtypes, EMA, and clear errors for the rest."""
 
+import json
 import os
+from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
+import sd.model_loader
 from reference import random_models, tiny_configs
 from sd.checkpoint_io import CheckpointError, UnsafeCheckpointError, open_checkpoint
 from sd.clip import CLIPConfig
 from sd.decoder import VAEConfig
 from sd.diffusion import DiffusionConfig
 from sd.model_converter import UNET_PREFIX, ema_key, to_standard_weights
-from sd.model_loader import (IMAGE_SIZE_METADATA_KEY, configs_from_checkpoint, preload_models_from_standard_weights,
-                             save_standard_weights)
+from sd.model_loader import (CONFIG_METADATA_KEY, IMAGE_SIZE_METADATA_KEY, checkpoint_image_size,
+                             configs_from_checkpoint, preload_models_from_standard_weights, save_standard_weights)
+
+EMBEDDED = Path(__file__).parent.parent / "weights" / "sd-shapes.safetensors"
 
 
 @pytest.fixture(scope="module")
@@ -186,3 +193,131 @@ def test_recorded_image_size_is_the_default_size(tmp_path, tiny):
     bad = save_standard_weights(models, tmp_path / "bad.safetensors", metadata={IMAGE_SIZE_METADATA_KEY: "abc"})
     with pytest.raises(CheckpointError, match="bad.safetensors: its 'sd_image_size' metadata must be a positive"):
         preload_models_from_standard_weights(bad)
+
+
+# --- metadata a file records: crafted values are refused in one line naming the file; .ckpt keeps it too -----------
+
+
+def rewrite_metadata(path: Path, edit) -> Path:
+    """The same tensors with edit(metadata) as the file's metadata: how a crafted or damaged file looks."""
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    save_file(safetensors.torch.load_file(str(path)), str(path), metadata=edit(dict(metadata)))
+    return path
+
+
+def with_config_value(model: str, field: str, value):
+    def edit(metadata):
+        configs = json.loads(metadata[CONFIG_METADATA_KEY])
+        configs[model][field] = value
+        return {**metadata, CONFIG_METADATA_KEY: json.dumps(configs)}  # NaN is written as JSON's NaN
+    return edit
+
+
+@pytest.mark.parametrize("model,field,value", [
+    ("vae", "block_out_channels", [-32, 64]),        # a negative width
+    ("diffusion", "model_channels", -5),
+    ("clip", "n_heads", 0),
+    ("clip", "d_model", 30),                          # not divisible by its 4 heads
+    ("vae", "n_groups", 7),                           # group norm groups that do not divide 32 and 64
+    ("diffusion", "n_groups", 5),
+    ("diffusion", "n_heads", "2"),                    # a string where an int belongs
+    ("clip", "n_layers", True),
+    ("vae", "latent_scale", float("nan")),
+    ("clip", "layer_norm_eps", float("-inf")),
+    ("diffusion", "attention_levels", [True, True]),  # one entry short of channel_mult
+    ("diffusion", "channel_mult", "122"),
+    ("diffusion", "sample_size", 8.5),
+    ("diffusion", "d_context", 16),                   # the UNet would attend to a 16-wide text encoder; CLIP is 32
+    ("diffusion", "no_such_field", 1),
+])
+def test_crafted_configs_are_refused_naming_file_and_field(tmp_path, tiny, model, field, value):
+    _, models, _ = tiny
+    path = rewrite_metadata(save_standard_weights(models, tmp_path / "crafted.safetensors"),
+                            with_config_value(model, field, value))
+    for load in (preload_models_from_standard_weights, checkpoint_image_size):
+        with pytest.raises(CheckpointError) as info:
+            load(path)
+        message = str(info.value)
+        assert str(path) in message and field in message and "\n" not in message, message
+
+
+@pytest.mark.parametrize("text", ["not json", "[1, 2]", '{"unet": {}}', '{"clip": 5}', "[" * 100_000])
+def test_config_metadata_that_is_not_configs(tmp_path, tiny, text):
+    _, models, _ = tiny
+    path = rewrite_metadata(save_standard_weights(models, tmp_path / "odd.safetensors"),
+                            lambda m: {**m, CONFIG_METADATA_KEY: text})
+    with pytest.raises(CheckpointError, match=f"{path}: its 'sd_configs' metadata is not a valid model config"):
+        preload_models_from_standard_weights(path)
+
+
+@pytest.mark.parametrize("size", ["abc", "0", "-3", "1e9", "99999999999", "32768", "15", " 64", "\uff16\uff14", ""])
+def test_crafted_image_size_is_refused_naming_the_file(tmp_path, tiny, size):
+    """Not digits, zero, absurd (over 16384 px) or not a multiple of the VAE's downscale (2 for the tiny VAE)."""
+    _, models, _ = tiny
+    path = save_standard_weights(models, tmp_path / "sized.safetensors", metadata={IMAGE_SIZE_METADATA_KEY: size})
+    for load in (preload_models_from_standard_weights, checkpoint_image_size):
+        with pytest.raises(CheckpointError, match=f"{path}: its 'sd_image_size' metadata must be a positive whole "
+                                                  f"number of pixels, a multiple of 2"):
+            load(path)
+
+
+def test_ckpt_carries_its_configs_and_metadata(tmp_path, tiny):
+    """A .ckpt of a non-SD-1.5-size model loads back alone: configs and image size as strings beside state_dict."""
+    _, models, checkpoint = tiny
+    path = save_standard_weights(models, tmp_path / "tiny.ckpt", metadata={"sd_note": "trained on shapes"})
+    metadata = open_checkpoint(path).metadata
+    assert metadata["sd_note"] == "trained on shapes" and metadata[IMAGE_SIZE_METADATA_KEY] == "16"
+    loaded = preload_models_from_standard_weights(path)  # no configs given
+    assert all(loaded[name].config == models[name].config for name in models)
+    assert weights_equal(loaded, checkpoint)
+    assert checkpoint_image_size(path) == 16
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
+def test_resaving_keeps_the_image_size(tmp_path, suffix):
+    """The embedded model (64 px images, 16 latents) saved again, in either format, keeps its default size."""
+    original = preload_models_from_standard_weights(EMBEDDED)
+    path = save_standard_weights(original, tmp_path / f"again{suffix}")
+    loaded = preload_models_from_standard_weights(path)
+    assert loaded["diffusion"].config.sample_size == original["diffusion"].config.sample_size == 16
+    assert checkpoint_image_size(path) == checkpoint_image_size(EMBEDDED) == 64
+    assert all(loaded[name].config == original[name].config for name in original)
+
+
+def test_given_metadata_is_checked(tmp_path, tiny):
+    _, models, _ = tiny
+    for bad in ({"sd_steps": 1000}, {"state_dict": "x"}):
+        with pytest.raises(ValueError, match="metadata must map names to strings"):
+            save_standard_weights(models, tmp_path / "m.ckpt", metadata=bad)
+    with pytest.raises(ValueError, match="writes .safetensors or .ckpt"):
+        save_standard_weights(models, tmp_path / "m.pt")
+    assert list(tmp_path.iterdir()) == []
+
+
+def _interrupted_writer(calls):
+    """A writer that gets some bytes out, then is stopped (Ctrl-C): what a full disk or a kill looks like."""
+    def write(obj, path, *args, **kwargs):
+        calls.append(Path(path))
+        Path(path).write_bytes(b"half a checkpoint")
+        raise KeyboardInterrupt
+    return write
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
+def test_interrupted_save_leaves_the_old_file(tmp_path, tiny, monkeypatch, suffix):
+    _, models, checkpoint = tiny
+    path = save_standard_weights(models, tmp_path / f"model{suffix}")
+    before = path.read_bytes()
+    calls = []
+    if suffix == ".safetensors":
+        monkeypatch.setattr(sd.model_loader, "save_file", _interrupted_writer(calls))
+    else:
+        monkeypatch.setattr(torch, "save", _interrupted_writer(calls))
+    with pytest.raises(KeyboardInterrupt):
+        save_standard_weights(random_models(tiny_configs(), seed=42), path)
+    assert calls and calls[0] != path  # written beside it, under another name
+    assert path.read_bytes() == before
+    assert list(tmp_path.iterdir()) == [path]  # no temporary file left
+    monkeypatch.undo()
+    assert weights_equal(preload_models_from_standard_weights(path), checkpoint)

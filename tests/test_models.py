@@ -69,3 +69,47 @@ def test_shorter_prompts_and_per_sample_timesteps(models):
     both = models["diffusion"](latent, context, torch.tensor([5, 700]))
     assert torch.allclose(both[1], models["diffusion"](latent[1:], context[1:], 700)[0], atol=1e-5)
     assert not torch.allclose(both[0], models["diffusion"](latent[:1], context[:1], 700)[0], atol=1e-3)
+
+
+def test_presets_and_defaults_are_valid():
+    for cls in (CLIPConfig, VAEConfig, DiffusionConfig):
+        assert cls() == cls() and cls.tiny() == cls.tiny()
+    assert DiffusionConfig.tiny(in_channels=9).in_channels == 9
+
+
+@pytest.mark.parametrize("cls,field,value", [
+    (CLIPConfig, "n_heads", 0),
+    (CLIPConfig, "d_model", -768),
+    (CLIPConfig, "n_layers", True),  # a bool is an int to Python, never a layer count
+    (CLIPConfig, "vocab_size", "49408"),
+    (CLIPConfig, "d_ff", 3072.0),
+    (CLIPConfig, "layer_norm_eps", float("nan")),
+    (VAEConfig, "block_out_channels", (-128, 256)),
+    (VAEConfig, "block_out_channels", ()),
+    (VAEConfig, "block_out_channels", "128"),
+    (VAEConfig, "latent_scale", 0.0),
+    (VAEConfig, "norm_eps", float("inf")),
+    (VAEConfig, "n_groups", None),
+    (DiffusionConfig, "model_channels", -5),
+    (DiffusionConfig, "sample_size", 0),
+    (DiffusionConfig, "channel_mult", [1, 2, 4, 4]),  # a list, not a tuple: configs are hashable
+    (DiffusionConfig, "attention_levels", (1, 1, 1, 0)),
+    (DiffusionConfig, "attn_norm_eps", -1e-6),
+])
+def test_each_field_is_checked(cls, field, value):
+    with pytest.raises(ValueError, match=f"{cls.__name__}.{field} must be") as info:
+        cls(**{field: value})
+    assert repr(value) in str(info.value)
+
+
+@pytest.mark.parametrize("make,field", [
+    (lambda: CLIPConfig(d_model=48, n_heads=5), "d_model"),
+    (lambda: VAEConfig(n_groups=24), "n_groups"),
+    (lambda: DiffusionConfig(n_heads=7), "n_heads"),
+    (lambda: DiffusionConfig(channel_mult=(1, 2, 4)), "attention_levels"),
+    (lambda: DiffusionConfig(channel_mult=(2, 2, 4, 4)), "channel_mult"),  # the output layer takes model_channels
+    (lambda: DiffusionConfig(model_channels=9, n_groups=3, n_heads=3), "model_channels"),  # odd: half cos, half sin
+])
+def test_fields_that_must_fit_together(make, field):
+    with pytest.raises(ValueError, match=field):
+        make()
