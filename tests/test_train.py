@@ -1,17 +1,25 @@
 """Training loop (sd.training.train) on tiny models and a tiny dataset of coloured squares: the losses go down, a resumed run
-continues exactly, the random draws and EMA behave as configured, and the export loads back."""
+continues exactly, the random draws and EMA behave as configured, and the export loads back. `sd train` (main): the
+same seed gives the same model, every argument is checked before any work, a checkpoint resumes only its own run,
+and Ctrl-C saves the last step done (a file being written is finished first). In a real process:
+test_train_interrupt.py."""
 
+import dataclasses
+import itertools
 import json
+import signal
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 import sd.training.train
 from reference import tiny_configs
 from sd.model_loader import build_models, preload_models_from_standard_weights
-from sd.training.train import (TrainConfig, VAETrainConfig, checkpoint_path, export, load_ema, train_diffusion,
-                      train_vae)
+from sd.training.train import (TrainConfig, TrainingInterrupted, VAETrainConfig, checkpoint_path, deferred_sigint,
+                               export, load_ema, main, train_diffusion, train_vae)
 
 COLOURS = {"red": (1.0, -1.0, -1.0), "green": (-1.0, 1.0, -1.0), "blue": (-1.0, -1.0, 1.0), "white": (1.0, 1.0, 1.0)}
 
@@ -157,7 +165,9 @@ def test_samples_frozen_text_encoder_and_bf16(tmp_path):
 @pytest.mark.parametrize("field, value, message", [
     ("steps", 0, "steps must be a positive integer"),
     ("batch_size", 2.5, "batch_size must be a positive integer"),
-    ("lr", -1e-4, "lr must be a number > 0"),
+    ("lr", -1e-4, "lr must be a finite number > 0"),
+    ("lr", float("nan"), "lr must be a finite number > 0"),
+    ("weight_decay", float("inf"), "weight_decay must be a finite number >= 0"),
     ("caption_dropout", 1.5, "caption_dropout must be a number in [0, 1]"),
     ("ema_decay", -0.1, "ema_decay must be a number in [0, 1]"),
     ("mixed_precision", "fp8", "mixed_precision must be one of"),
@@ -184,10 +194,245 @@ def test_bad_vae_config_and_dataset_are_refused(tmp_path):
         train_diffusion(tiny_models(), Unnormalised(), quick(steps=1), tmp_path, progress=False)
 
 
+def tiny_config_file(folder) -> Path:
+    path = Path(folder) / "configs.json"
+    path.write_text(json.dumps({name: cfg.__dict__ for name, cfg in tiny_configs().items()}))
+    return path
+
+
+def tiny_args(out, *extra, steps: int = 2) -> list[str]:
+    """`sd train` arguments for a run of tiny models on 16 px images, a second or so on a CPU."""
+    return ["--out", str(out), "--steps", str(steps), "--vae-steps", "2", "--batch-size", "2", "--size", "16",
+            "--config", str(tiny_config_file(Path(out).parent)), "--device", "cpu", *extra]
+
+
 def test_main_trains_and_exports(tmp_path):
-    config = tmp_path / "configs.json"
-    config.write_text(json.dumps({name: cfg.__dict__ for name, cfg in tiny_configs().items()}))
-    sd.training.train.main(["--out", str(tmp_path / "run"), "--steps", "2", "--vae-steps", "2", "--batch-size", "2",
-                   "--size", "16", "--config", str(config)])
+    sd.training.train.main(tiny_args(tmp_path / "run"))
     models = preload_models_from_standard_weights(tmp_path / "run" / "model.safetensors")
     assert models["diffusion"].config == tiny_configs()["diffusion"]
+
+
+# --- `sd train`: seeded, checked before any work, resumed only into its own run -----------------------------------
+
+def all_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of every .safetensors file under folder, keyed 'relative/path.safetensors:key'."""
+    return {f"{path.relative_to(folder)}:{key}": value for path in sorted(folder.rglob("*.safetensors"))
+            for key, value in load_file(str(path)).items()}
+
+
+def test_main_same_seed_same_weights_other_seed_other_weights(tmp_path):
+    rng_before = torch.random.get_rng_state()
+    for run, seed in (("a", "0"), ("b", "0"), ("c", "1")):
+        main(tiny_args(tmp_path / run, "--seed", seed))
+    assert torch.equal(torch.random.get_rng_state(), rng_before)  # the caller's random state is left alone
+    a, b, c = (all_tensors(tmp_path / run) for run in "abc")
+    files = {key.split(":")[0] for key in a}
+    assert files == {"model.safetensors", "vae/checkpoint-2.safetensors", "diffusion/checkpoint-2.safetensors"}
+    assert a.keys() == b.keys() == c.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key  # bit-identical: initial weights, data, noise, latent scale
+    for file in files:
+        assert any(not torch.equal(a[key], c[key]) for key in a if key.startswith(file + ":")), file
+
+
+@pytest.mark.parametrize("extra, error, message", [
+    (["--vae-steps", "3", "--steps", "0"], ValueError, "--steps must be a positive integer, got 0"),
+    (["--vae-steps", "-1"], ValueError, "--vae-steps must be an integer >= 0, got -1"),
+    (["--batch-size", "0"], ValueError, "--batch-size must be a positive integer, got 0"),
+    (["--lr", "nan"], ValueError, "--lr must be a finite number > 0, got nan"),
+    (["--lr", "inf"], ValueError, "--lr must be a finite number > 0, got inf"),
+    (["--lr", "0"], ValueError, "--lr must be a finite number > 0"),
+    (["--size", "30"], ValueError, r"--size must be a multiple of 4 \(the VAE's downscale\) of at least 16 pixels"
+                                   r", got 30"),
+    (["--size", "8"], ValueError, "--size must be a multiple of 4"),
+    (["--seed", "-1"], ValueError, "--seed must be an integer >= 0"),
+    (["--sample-every", "-5"], ValueError, "--sample-every must be an integer >= 0"),
+    (["--steps", "many"], ValueError, "argument --steps: invalid int value: 'many'"),
+    (["--mixed-precision", "fp16", "--device", "cpu"], ValueError, "--mixed-precision fp16 needs a CUDA device"),
+    (["--device", "toaster"], ValueError, "--device must be a torch device such as cpu, cuda or cuda:1"),
+    (["--export", "model.bin"], ValueError, "--export must end in .safetensors or .ckpt, got 'model.bin'"),
+    (["--export", "afile/model.safetensors"], ValueError, "--export: .* is a file, not a folder"),
+    (["--resume", "missing.safetensors"], FileNotFoundError, "--resume missing.safetensors: no such file"),
+    (["--resume", "run/diffusion/afile"], ValueError, "is not a readable .safetensors checkpoint"),
+    (["--config", "missing.json"], FileNotFoundError, "--config missing.json: no such file"),
+    (["--config", "bad.json"], ValueError, "--config bad.json is not a JSON of model configs"),
+    (["--config", "mismatch.json"], ValueError, "--config: diffusion d_context \\(32\\) must equal clip d_model"),
+    (["--out", "afile"], ValueError, "--out afile is a file; give a folder"),
+    (["--out", "afile/run"], ValueError, "--out afile/run cannot be made: afile is a file, not a folder"),
+])
+def test_main_checks_every_argument_before_any_work(tmp_path, monkeypatch, extra, error, message):
+    monkeypatch.chdir(tmp_path)
+    Path("afile").write_text("not a folder")
+    Path("run/diffusion").mkdir(parents=True)
+    Path("run/diffusion/afile").write_text("not a checkpoint")
+    Path("bad.json").write_text("{not json")
+    Path("mismatch.json").write_text(json.dumps({"diffusion": tiny_configs()["diffusion"].__dict__}))
+
+    def no_models(*args, **kwargs):
+        raise AssertionError("a model was built before the arguments were checked")
+
+    monkeypatch.setattr(sd.training.train, "build_models", no_models)
+    with pytest.raises(error, match=message):
+        main(["--out", "run", *extra])  # later --out wins
+
+
+def test_resume_is_refused_into_another_run(tmp_path):
+    main(tiny_args(tmp_path / "a"))
+    checkpoint = str(checkpoint_path(tmp_path / "a" / "diffusion", 2))
+    with pytest.raises(ValueError, match="is not in .*b/diffusion: a diffusion checkpoint goes on only with the VAE"):
+        main(tiny_args(tmp_path / "b", "--resume", checkpoint, steps=4))
+    with pytest.raises(ValueError, match=r"--resume: .* another run \(image_size: \[16, 16\] in the checkpoint, "
+                                         r"\[20, 20\] now; models.diffusion.sample_size: 8 in the checkpoint, 10"):
+        main(tiny_args(tmp_path / "a", "--size", "20", "--resume", checkpoint, steps=4))
+    with pytest.raises(ValueError, match="past the 1 steps asked for"):
+        main(tiny_args(tmp_path / "a", "--resume", checkpoint, steps=1))
+    with pytest.raises(ValueError, match="--resume: the VAE stage of .* is at step 2, not at --vae-steps 3"):
+        main(tiny_args(tmp_path / "a", "--resume", checkpoint, "--vae-steps", "3", steps=4))
+    with pytest.raises(ValueError, match=r"--out: the VAE stage would go on from .*vae/checkpoint-2.safetensors "
+                                         r"was written by another run \(image_size"):
+        main(tiny_args(tmp_path / "a", "--size", "20", steps=4))
+
+
+def test_resume_is_refused_with_another_frozen_vae_or_config(tmp_path):
+    cfg = quick(steps=2)
+    train_diffusion(tiny_models(), Squares(), cfg, tmp_path, progress=False)
+    other_vae = {**tiny_models(), "encoder": tiny_models(seed=1)["encoder"]}
+    with pytest.raises(ValueError, match=r"another run \(frozen.encoder: '[0-9a-f]{16}' in the checkpoint"):
+        train_diffusion(other_vae, Squares(), quick(steps=4), tmp_path, progress=False,
+                        resume_from=checkpoint_path(tmp_path, 2))
+    other_config = tiny_models()
+    other_config["diffusion"].config = dataclasses.replace(tiny_configs()["diffusion"], sample_size=4)  # same shapes
+    with pytest.raises(ValueError, match="models.diffusion.sample_size: 8 in the checkpoint, 4 now"):
+        train_diffusion(other_config, Squares(), quick(steps=4), tmp_path, progress=False,
+                        resume_from=checkpoint_path(tmp_path, 2))
+
+
+# --- Ctrl-C --------------------------------------------------------------------------------------------------------
+
+def sigint_on_tokenize_call(monkeypatch, n: int) -> None:
+    """The training loss's n-th tokenize call (from 0) sends this process SIGINT, as a Ctrl-C would."""
+    calls = itertools.count()
+    real_tokenize = sd.training.train.tokenize
+
+    def tokenize(captions, tokenizer=None):
+        if next(calls) == n:
+            signal.raise_signal(signal.SIGINT)
+        return real_tokenize(captions, tokenizer)
+
+    monkeypatch.setattr(sd.training.train, "tokenize", tokenize)
+
+
+def leftover_temporary_files(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.name.startswith(".") and p.name.endswith(".tmp")]
+
+
+def test_ctrl_c_mid_step_saves_the_last_step_done_and_resumes_exactly(tmp_path, monkeypatch):
+    cfg = quick(steps=8, batch_size=2, grad_accum=2, caption_dropout=0.5)
+    full = train_diffusion(tiny_models(), Squares(), cfg, tmp_path / "full", progress=False)
+    sigint_on_tokenize_call(monkeypatch, 2 * 5 + 1)  # step 5's second micro-batch: its first one's gradients wait
+    with pytest.raises(KeyboardInterrupt) as info:
+        train_diffusion(tiny_models(), Squares(), cfg, tmp_path / "cut", progress=False)
+    assert isinstance(info.value, TrainingInterrupted)
+    assert (info.value.step, info.value.steps, info.value.checkpoint) == (5, 8, checkpoint_path(tmp_path / "cut", 5))
+    assert sorted(p.name for p in (tmp_path / "cut").iterdir()) == ["checkpoint-5.safetensors"]
+    monkeypatch.undo()
+
+    resumed = train_diffusion(tiny_models(), Squares(), cfg, tmp_path / "cut", progress=False,
+                              resume_from=info.value.checkpoint)
+    assert resumed == full[5:]  # the partial step 5 was dropped, and redone whole
+    a, b = (load_file(str(checkpoint_path(tmp_path / run, 8))) for run in ("full", "cut"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize("fate, stopped_after", [("dropped", 3), ("made a ValueError", 2)])
+def test_ctrl_c_whose_exception_is_lost_still_stops_the_loop(tmp_path, monkeypatch, fate, stopped_after):
+    """Python drops an exception raised in a finalizer, and safetensors turns a KeyboardInterrupt into a ValueError:
+    the loop notes the Ctrl-C itself, and stops after the step (or, on an error, with the last completed one)."""
+    real_tokenize = sd.training.train.tokenize
+    calls = itertools.count()
+
+    def tokenize(captions, tokenizer=None):
+        if next(calls) == 2:
+            try:
+                signal.raise_signal(signal.SIGINT)
+                real_tokenize(captions, tokenizer)
+            except KeyboardInterrupt:
+                if fate != "dropped":
+                    raise ValueError("could not determine the shape of object type 'torch.storage.UntypedStorage'")
+        return real_tokenize(captions, tokenizer)
+
+    monkeypatch.setattr(sd.training.train, "tokenize", tokenize)
+    with pytest.raises(KeyboardInterrupt) as info:
+        train_diffusion(tiny_models(), Squares(), quick(steps=6), tmp_path, progress=False)
+    assert (info.value.step, info.value.checkpoint) == (stopped_after, checkpoint_path(tmp_path, stopped_after))
+
+
+def test_ctrl_c_while_a_checkpoint_is_written_waits_for_it(tmp_path, monkeypatch):
+    written = []
+    real_save_file = sd.training.train.save_file
+
+    def save_file(tensors, path, metadata=None):
+        signal.raise_signal(signal.SIGINT)
+        real_save_file(tensors, path, metadata=metadata)
+        written.append(path)
+
+    monkeypatch.setattr(sd.training.train, "save_file", save_file)
+    with pytest.raises(KeyboardInterrupt) as info:
+        train_diffusion(tiny_models(), Squares(), quick(steps=3), tmp_path, progress=False)
+    assert len(written) == 1  # the last step's checkpoint, written whole, and not written again
+    assert (info.value.step, info.value.checkpoint) == (3, checkpoint_path(tmp_path, 3))
+    assert not leftover_temporary_files(tmp_path)
+    with safe_open(str(checkpoint_path(tmp_path, 3)), "pt") as f:
+        assert f.metadata()["step"] == "3"
+        assert all(f.get_tensor(key) is not None for key in f.keys())
+
+
+def test_ctrl_c_during_the_export_waits_for_the_file(tmp_path, monkeypatch):
+    real_save = sd.training.train.save_standard_weights
+
+    def save_standard_weights(*args, **kwargs):
+        signal.raise_signal(signal.SIGINT)
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(sd.training.train, "save_standard_weights", save_standard_weights)
+    with pytest.raises(KeyboardInterrupt):
+        main(tiny_args(tmp_path / "run"))
+    models = preload_models_from_standard_weights(tmp_path / "run" / "model.safetensors")
+    assert models["diffusion"].config.sample_size == 8
+
+
+def test_ctrl_c_in_main_says_how_to_go_on_and_going_on_gives_the_same_model(tmp_path, monkeypatch, capsys):
+    main(tiny_args(tmp_path / "whole", steps=4))
+    sigint_on_tokenize_call(monkeypatch, 2)  # in diffusion step 2: steps 0 and 1 are done
+    with pytest.raises(KeyboardInterrupt):
+        main(tiny_args(tmp_path / "cut", steps=4))
+    monkeypatch.undo()
+    said = capsys.readouterr().err
+    checkpoint = checkpoint_path(tmp_path / "cut" / "diffusion", 2)
+    assert f"diffusion step 2 of 4 is saved in {checkpoint}; to go on, run the same command with --resume " \
+           f"{checkpoint}" in said
+    main(tiny_args(tmp_path / "cut", "--resume", str(checkpoint), steps=4))
+    whole, cut = all_tensors(tmp_path / "whole"), all_tensors(tmp_path / "cut")
+    for key in whole:
+        assert torch.equal(whole[key], cut[key]), key
+
+
+def test_deferred_sigint_delivers_after_the_block_and_restores_the_handler():
+    before = signal.getsignal(signal.SIGINT)
+    finished = []
+    with pytest.raises(KeyboardInterrupt):
+        with deferred_sigint():
+            signal.raise_signal(signal.SIGINT)
+            finished.append("the block")
+    assert finished == ["the block"] and signal.getsignal(signal.SIGINT) is before
+    with deferred_sigint(deliver=False):
+        signal.raise_signal(signal.SIGINT)  # dropped
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with deferred_sigint():
+            signal.raise_signal(signal.SIGINT)  # ignored, as it would have been without the block
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)

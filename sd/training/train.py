@@ -12,38 +12,53 @@ autocast does the half-precision maths), run `train_diffusion(models, your_datas
 mixed_precision="bf16", batch_size=4, grad_accum=8, lr=1e-5, train_text_encoder=False), out_dir)` with a dataset of
 (image in [-1, 1] of a multiple of 8 pixels, caption) pairs, then
 `export(load_ema(models, checkpoint_path(out_dir, cfg.steps)), "fine-tuned.safetensors", dtype=torch.float16)`.
+
+Ctrl-C: the step being computed is dropped, the last completed one is checkpointed, and TrainingInterrupted (a
+KeyboardInterrupt) says where; a Ctrl-C while a step is applied or a file is written waits until it is done.
+A checkpoint records its run (image size, model configs, digests of the frozen models) and resumes only that run.
 """
 
 import argparse
+import contextlib
 import copy
 import dataclasses
+import hashlib
 import json
 import os
+import signal
+import sys
+import threading
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..checks import is_int, is_number
+from ..checkpoint_io import CheckpointError
+from ..checks import check, is_finite_number, is_int, is_number
 from ..clip import CLIPConfig
 from ..ddpm import DDPMSampler
 from ..decoder import VAE_Decoder, VAEConfig
 from ..diffusion import DiffusionConfig
 from ..encoder import VAE_Encoder
+from ..files import OutputError, atomic_output, check_output_path, save_image
 from ..model_loader import IMAGE_SIZE_METADATA_KEY, build_models, configs_from_json, save_standard_weights
 from ..pipeline import generate
 from ..schedule import N_TRAINING_STEPS
 from ..tokenizer import tokenize
-from .datasets import ShapesDataset
+from .datasets import MIN_SIZE, ShapesDataset
 
 MIXED_PRECISION = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 SAMPLER = "ddim"  # for the periodic sample images: deterministic and good in few steps
+RUN_METADATA_KEY = "run"  # a checkpoint's run record (run_record): what it can only be resumed with
+DIGEST_LENGTH = 16  # hex digits of sha256 kept for a frozen model's digest: 64 bits tell models apart
 
 
 @dataclass(frozen=True)
@@ -75,11 +90,11 @@ class TrainConfig:
         for name in ("warmup_steps", "sample_every", "checkpoint_every", "seed"):
             if not is_int(getattr(self, name)) or getattr(self, name) < 0:
                 problems.append(f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
-        if not (is_number(self.lr) and self.lr > 0):
-            problems.append(f"lr must be a number > 0, got {self.lr!r}")
+        if not (is_finite_number(self.lr) and self.lr > 0):
+            problems.append(f"lr must be a finite number > 0, got {self.lr!r}")
         for name in ("weight_decay", "grad_clip"):
-            if not (is_number(getattr(self, name)) and getattr(self, name) >= 0):
-                problems.append(f"{name} must be a number >= 0, got {getattr(self, name)!r}")
+            if not (is_finite_number(getattr(self, name)) and getattr(self, name) >= 0):
+                problems.append(f"{name} must be a finite number >= 0, got {getattr(self, name)!r}")
         for name in ("ema_decay", "caption_dropout"):
             if not (is_number(getattr(self, name)) and 0 <= getattr(self, name) <= 1):
                 problems.append(f"{name} must be a number in [0, 1], got {getattr(self, name)!r}")
@@ -106,8 +121,8 @@ class VAETrainConfig(TrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if not (is_number(self.kl_weight) and self.kl_weight >= 0):
-            raise ValueError(f"VAETrainConfig: kl_weight must be a number >= 0, got {self.kl_weight!r}")
+        if not (is_finite_number(self.kl_weight) and self.kl_weight >= 0):
+            raise ValueError(f"VAETrainConfig: kl_weight must be a finite number >= 0, got {self.kl_weight!r}")
         if self.reconstruction not in ("l1", "mse"):
             raise ValueError(f"VAETrainConfig: reconstruction must be 'l1' or 'mse', got {self.reconstruction!r}")
 
@@ -142,24 +157,146 @@ def sample_batch(dataset, n: int, generator: torch.Generator) -> tuple[torch.Ten
     return images, [caption for _, caption in items]
 
 
+# --- Ctrl-C --------------------------------------------------------------------------------------------------------
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped training after `step` of `steps` steps; `checkpoint` holds that step (None: no step was done).
+    A KeyboardInterrupt, so whatever stops on Ctrl-C stops on it too."""
+
+    def __init__(self, step: int, steps: int, checkpoint: Path | None):
+        where = f"saved in {checkpoint}" if checkpoint else "nothing to save"
+        super().__init__(f"interrupted after step {step} of {steps}; {where}")
+        self.step, self.steps, self.checkpoint = step, steps, checkpoint
+
+
+@contextlib.contextmanager
+def deferred_sigint(deliver: bool = True) -> Iterator[None]:
+    """Hold back Ctrl-C (SIGINT) while the block runs, so that a file being written or a step being applied is
+    finished; then hand it to the handler that was there before (Python's raises KeyboardInterrupt), or drop it if
+    not deliver. Only the main thread may set handlers: in another thread, or under a handler set outside Python,
+    the block runs as it is."""
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or previous is None:
+        yield
+        return
+    received = []
+    signal.signal(signal.SIGINT, lambda signum, frame: received.append(frame))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received and deliver:
+        _deliver_sigint(previous, received[0])
+
+
+@contextlib.contextmanager
+def _remembered_sigint() -> Iterator[list]:
+    """While the block runs, Ctrl-C raises KeyboardInterrupt as usual and is also noted in the list yielded: one
+    whose exception is lost (Python drops it when it lands in a finalizer, an extension may turn it into another
+    error) still stops the training loop. Only in the main thread, under Python's own handler."""
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or previous is not signal.default_int_handler:
+        yield []
+        return
+    received = []
+
+    def note_and_raise(signum, frame):
+        received.append(frame)
+        previous(signum, frame)
+
+    signal.signal(signal.SIGINT, note_and_raise)
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _deliver_sigint(handler, frame) -> None:
+    if callable(handler):
+        handler(signal.SIGINT, frame)
+    elif handler == signal.SIG_DFL:
+        signal.raise_signal(signal.SIGINT)  # the default action (the process ends), as it would have been
+    # SIG_IGN: ignored, as it would have been
+
+
 # --- checkpoints ---------------------------------------------------------------------------------------------------
 
 def checkpoint_path(out_dir: str | os.PathLike, step: int) -> Path:
     return Path(out_dir) / f"checkpoint-{step}.safetensors"
 
 
-def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
+def latest_checkpoint(out_dir: str | os.PathLike, at_most: int | None = None) -> Path | None:
+    """The checkpoint of out_dir with the most steps (at most `at_most` of them, if given), or None."""
     paths = Path(out_dir).glob("checkpoint-*.safetensors")
     steps = {int(p.stem.split("-")[1]): p for p in paths if p.stem.split("-")[1].isdigit()}
+    steps = {step: p for step, p in steps.items() if at_most is None or step <= at_most}
     return steps[max(steps)] if steps else None
 
 
-def save_checkpoint(path: Path, step: int, trained: dict[str, nn.Module], ema: dict[str, nn.Module],
-                    optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, cfg: TrainConfig) -> Path:
-    """Training weights (model.*), EMA weights (ema.*), AdamW's per-parameter state (optimizer.<param>.exp_avg,
-    .exp_avg_sq, .step); the step, config and grad-scaler state go in the metadata as JSON."""
-    from safetensors.torch import save_file
+def model_digest(model: nn.Module) -> str:
+    """A short sha256 of a model's config and weights: the same for the same model on any device."""
+    digest = hashlib.sha256(json.dumps(dataclasses.asdict(model.config), sort_keys=True).encode())
+    for key, value in model.state_dict().items():
+        value = value.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{key}:{value.dtype}:".encode())
+        digest.update(value.view(torch.uint8).numpy())
+    return digest.hexdigest()[:DIGEST_LENGTH]
 
+
+def run_record(image_size: Sequence[int], configs: dict, frozen: dict[str, str] | None = None) -> dict:
+    """What a checkpoint resumes only with: the image size (H, W), the trained models' configs {name: config} and
+    the digests {name: model_digest} of the frozen models the loss goes through (None: not checked). As JSON reads
+    it back (tuples are lists)."""
+    record = {"image_size": [int(n) for n in image_size],
+              "models": {name: dataclasses.asdict(cfg) for name, cfg in configs.items()}}
+    if frozen is not None:
+        record["frozen"] = frozen
+    return json.loads(json.dumps(record))
+
+
+def _differences(saved, expected, name: str) -> list[str]:
+    """'name: A in the checkpoint, B now' for each leaf where two JSON values differ."""
+    if isinstance(saved, dict) and isinstance(expected, dict):
+        return [line for key in sorted(saved.keys() | expected.keys())
+                for line in _differences(saved.get(key), expected.get(key), f"{name}.{key}")]
+    if saved == expected:
+        return []
+    return [f"{name}: {'not recorded' if saved is None else repr(saved)} in the checkpoint, {expected!r} now"]
+
+
+def _read_metadata(path) -> dict[str, str]:
+    try:
+        with safe_open(str(path), "pt") as f:
+            return f.metadata() or {}
+    except SafetensorError as e:
+        raise ValueError(f"{path} is not a readable .safetensors checkpoint: {e}") from None
+
+
+def check_resumable(path, cfg: TrainConfig, record: dict | None = None) -> dict[str, str]:
+    """The checkpoint's metadata, once it is known to be one this run can go on from: a training checkpoint, at
+    most cfg.steps steps in, written by the same run (each entry of record, from run_record, the same).
+    A ValueError saying what differs otherwise."""
+    metadata = _read_metadata(path)
+    if "step" not in metadata:
+        raise ValueError(f"{path} is not a training checkpoint (no 'step' in its metadata)")
+    if int(metadata["step"]) > cfg.steps:
+        raise ValueError(f"{path} is {metadata['step']} steps in, past the {cfg.steps} steps asked for; "
+                         f"ask for at least {metadata['step']}")
+    saved = json.loads(metadata.get(RUN_METADATA_KEY, "{}"))
+    differences = [line for key in (record or {}) for line in _differences(saved.get(key), record[key], key)]
+    if differences:
+        raise ValueError(f"{path} was written by another run ({'; '.join(differences[:3])}"
+                         f"{'; ...' if len(differences) > 3 else ''}): a checkpoint goes on only with the image "
+                         f"size, model configs and frozen models it was trained with")
+    return metadata
+
+
+def save_checkpoint(path: Path, step: int, trained: dict[str, nn.Module], ema: dict[str, nn.Module],
+                    optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, cfg: TrainConfig,
+                    record: dict | None = None) -> Path:
+    """Training weights (model.*), EMA weights (ema.*), AdamW's per-parameter state (optimizer.<param>.exp_avg,
+    .exp_avg_sq, .step); the step, config, grad-scaler state and run record go in the metadata as JSON.
+    Written whole or not at all (sd.files.atomic_output), and a Ctrl-C meanwhile waits until it is written."""
     tensors = {f"{kind}.{name}.{key}": value.detach().cpu().contiguous()
                for kind, models in (("model", trained), ("ema", ema))
                for name, model in models.items() for key, value in model.state_dict().items()}
@@ -167,10 +304,10 @@ def save_checkpoint(path: Path, step: int, trained: dict[str, nn.Module], ema: d
         for key, value in optimizer.state[param].items():
             tensors[f"optimizer.{param_name}.{key}"] = value.detach().cpu().contiguous()
     metadata = {"step": str(step), "train_config": json.dumps(dataclasses.asdict(cfg)),
-                "grad_scaler": json.dumps(scaler.state_dict())}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path.with_suffix(".tmp")), metadata=metadata)
-    os.replace(path.with_suffix(".tmp"), path)  # never leave a half-written checkpoint under the real name
+                "grad_scaler": json.dumps(scaler.state_dict()),
+                **({RUN_METADATA_KEY: json.dumps(record)} if record is not None else {})}
+    with deferred_sigint(), atomic_output(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
     return path
 
 
@@ -185,21 +322,23 @@ def _state_dict(tensors: dict[str, torch.Tensor], prefix: str, path) -> dict[str
     return found
 
 
-def load_checkpoint(path, trained, ema, optimizer, scaler, cfg: TrainConfig) -> int:
-    """Restore what save_checkpoint wrote; returns the number of steps done."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
+def _load_tensors(path) -> dict[str, torch.Tensor]:
+    """load_file, with a Ctrl-C held until the read is done: safetensors turns one that lands inside it into a
+    ValueError ("could not determine the shape of object type 'torch.storage.UntypedStorage'")."""
+    with deferred_sigint():
+        return load_file(str(path))
 
-    with safe_open(str(path), "pt") as f:
-        metadata = f.metadata() or {}
-    if "step" not in metadata:
-        raise ValueError(f"{path} is not a training checkpoint (no 'step' in its metadata)")
+
+def load_checkpoint(path, trained, ema, optimizer, scaler, cfg: TrainConfig, record: dict | None = None) -> int:
+    """Restore what save_checkpoint wrote, once check_resumable(path, cfg, record) passes; returns the steps done.
+    Changed training settings only warn: a lower learning rate for the rest of a run is a choice."""
+    metadata = check_resumable(path, cfg, record)
     saved = json.loads(metadata["train_config"])
     changed = [k for k, v in saved.items() if k != "steps" and v != json.loads(json.dumps(getattr(cfg, k, None)))]
     if changed:
         warnings.warn(f"resuming from {path} with changed settings {changed}: the run will differ from the original",
                       stacklevel=3)
-    tensors = load_file(str(path))
+    tensors = _load_tensors(path)
     for kind, models in (("model", trained), ("ema", ema)):
         for name, model in models.items():
             model.load_state_dict(_state_dict(tensors, f"{kind}.{name}.", path), strict=True)
@@ -215,9 +354,7 @@ def load_checkpoint(path, trained, ema, optimizer, scaler, cfg: TrainConfig) -> 
 
 def load_ema(models: dict[str, nn.Module], path: str | os.PathLike) -> dict[str, nn.Module]:
     """The models with the checkpoint's EMA weights: copies for the ones it trained, the others as they are."""
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(path))
+    tensors = _load_tensors(path)
     result = {}
     for name, model in models.items():
         if any(key.startswith(f"ema.{name}.") for key in tensors):
@@ -249,10 +386,21 @@ def fit_latent_scale(encoder: VAE_Encoder, dataset, n: int = 256, seed: int = 0)
 
 # --- the loop ------------------------------------------------------------------------------------------------------
 
-def _fit(trained: dict[str, nn.Module], draw: Callable, loss_fn: Callable, cfg: TrainConfig, out_dir,
-         resume_from, progress: bool, desc: str, on_sample: Callable | None = None) -> list[float]:
-    """The loop both objectives share. draw(generator, n) returns everything random in one step for n samples
-    (a tuple of batch-indexable items); loss_fn takes one micro-batch of them. Returns each step's loss."""
+@dataclass
+class _Run:
+    """What the loop carries from step to step; all of it goes into a checkpoint."""
+    trained: dict[str, nn.Module]
+    ema: dict[str, nn.Module]
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    params: list[nn.Parameter]
+    done: int = 0                    # completed steps
+    checkpoint: Path | None = None   # the file that holds checkpoint_step steps
+    checkpoint_step: int = -1
+
+
+def _start(trained: dict[str, nn.Module], cfg: TrainConfig, resume_from, record: dict | None) -> _Run:
+    """The models on the device in training mode, AdamW, the grad scaler and the EMA copies; restored if resuming."""
     device = torch.device(cfg.device)
     for model in trained.values():
         model.to(device).train().requires_grad_(True)
@@ -261,48 +409,123 @@ def _fit(trained: dict[str, nn.Module], draw: Callable, loss_fn: Callable, cfg: 
         raise ValueError(f"trained weights must be float32 (mixed_precision does the half-precision maths), "
                          f"but {bad[0]} is {dict(named)[bad[0]].dtype}; load the models with dtype=torch.float32")
     params = [p for _, p in named]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision == "fp16")
-    ema = {name: copy.deepcopy(model).requires_grad_(False).eval() for name, model in trained.items()}
-    start = load_checkpoint(resume_from, trained, ema, optimizer, scaler, cfg) if resume_from else 0
+    run = _Run(trained, {name: copy.deepcopy(model).requires_grad_(False).eval() for name, model in trained.items()},
+               torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay),
+               torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision == "fp16"), params)
+    if resume_from:
+        run.done = load_checkpoint(resume_from, trained, run.ema, run.optimizer, run.scaler, cfg, record)
+        run.checkpoint, run.checkpoint_step = Path(resume_from), run.done
+    return run
+
+
+def _gradients(run: _Run, draw: Callable, loss_fn: Callable, cfg: TrainConfig, step: int) -> float:
+    """Forward and backward over the step's micro-batches; returns the step's loss. The weights do not change
+    here, so a Ctrl-C in the middle loses only this step."""
+    device_type = torch.device(cfg.device).type
     amp_dtype = MIXED_PRECISION[cfg.mixed_precision]
+    # All of the step's randomness at once for the effective batch, so grad_accum x batch_size draws the same
+    # samples as one batch of batch_size * grad_accum.
+    batch = draw(step_generator(cfg.seed, step), cfg.batch_size * cfg.grad_accum)
+    step_loss = 0.0
+    for i in range(cfg.grad_accum):
+        micro = [item[i * cfg.batch_size:(i + 1) * cfg.batch_size] for item in batch]
+        with torch.autocast(device_type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+            loss = loss_fn(*micro)
+        run.scaler.scale(loss / cfg.grad_accum).backward()
+        step_loss += loss.item() / cfg.grad_accum
+    return step_loss
 
+
+def _update(run: _Run, cfg: TrainConfig, step: int) -> None:
+    """AdamW's step with the accumulated gradients, then the EMA update: step `step` is done."""
+    for group in run.optimizer.param_groups:
+        group["lr"] = learning_rate(step, cfg)
+    if cfg.grad_clip:
+        run.scaler.unscale_(run.optimizer)  # clip the true gradients, not the fp16-scaled ones
+        torch.nn.utils.clip_grad_norm_(run.params, cfg.grad_clip)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        decay = ema_decay(step, cfg.ema_decay)
+        for name, model in run.trained.items():  # ema <- decay * ema + (1 - decay) * weights
+            torch._foreach_lerp_(list(run.ema[name].parameters()), list(model.parameters()), 1 - decay)
+    run.done = step + 1
+
+
+def _save(run: _Run, out_dir, cfg: TrainConfig, record: dict | None) -> None:
+    run.checkpoint = save_checkpoint(checkpoint_path(out_dir, run.done), run.done, run.trained, run.ema,
+                                     run.optimizer, run.scaler, cfg, record)
+    run.checkpoint_step = run.done
+
+
+def _due(done: int, every: int, steps: int) -> bool:
+    return done == steps or bool(every and done % every == 0)
+
+
+def _save_final(run: _Run, out_dir, cfg: TrainConfig, record: dict | None) -> None:
+    """The last step is always checkpointed in out_dir, also when a resumed run had no step left to do."""
+    final = checkpoint_path(out_dir, cfg.steps)
+    if run.checkpoint_step != cfg.steps or run.checkpoint.resolve() != final.resolve():
+        _save(run, out_dir, cfg, record)
+
+
+def _interrupted(run: _Run, out_dir, cfg: TrainConfig, record: dict | None) -> TrainingInterrupted:
+    """After a Ctrl-C: drop the partial step's gradients and checkpoint the last completed step, unless a file
+    holds it already. A second Ctrl-C while that file is written is dropped: training is stopping anyway."""
+    with deferred_sigint(deliver=False):
+        run.optimizer.zero_grad(set_to_none=True)
+        if run.done and run.checkpoint_step != run.done:
+            _save(run, out_dir, cfg, record)
+    return TrainingInterrupted(run.done, cfg.steps, run.checkpoint if run.checkpoint_step == run.done else None)
+
+
+def _step(run: _Run, draw: Callable, loss_fn: Callable, cfg: TrainConfig, step: int, out_dir,
+          record: dict | None) -> float:
+    """One step: its gradients (a Ctrl-C there drops the step), then its update and checkpoint, done whole (a
+    Ctrl-C there stops after them). Returns the step's loss."""
+    loss = _gradients(run, draw, loss_fn, cfg, step)
+    with deferred_sigint():
+        _update(run, cfg, step)
+        if _due(run.done, cfg.checkpoint_every, cfg.steps):
+            _save(run, out_dir, cfg, record)
+    return loss
+
+
+def _fit(trained: dict[str, nn.Module], draw: Callable, loss_fn: Callable, cfg: TrainConfig, out_dir,
+         resume_from, progress: bool, desc: str, on_sample: Callable | None = None,
+         record: dict | None = None) -> list[float]:
+    """The loop both objectives share. draw(generator, n) returns everything random in one step for n samples
+    (a tuple of batch-indexable items); loss_fn takes one micro-batch of them. Returns each step's loss.
+    record (run_record) goes into every checkpoint, and a resumed checkpoint must have the same.
+    Ctrl-C: raises TrainingInterrupted once the last completed step is checkpointed (see _interrupted)."""
+    run = _start(trained, cfg, resume_from, record)
     losses = []
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=desc, disable=not progress)
-    for step in bar:
-        # All of the step's randomness at once for the effective batch, so grad_accum x batch_size draws the same
-        # samples as one batch of batch_size * grad_accum.
-        batch = draw(step_generator(cfg.seed, step), cfg.batch_size * cfg.grad_accum)
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, cfg)
-        step_loss = 0.0
-        for i in range(cfg.grad_accum):
-            micro = [item[i * cfg.batch_size:(i + 1) * cfg.batch_size] for item in batch]
-            with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
-                loss = loss_fn(*micro)
-            scaler.scale(loss / cfg.grad_accum).backward()
-            step_loss += loss.item() / cfg.grad_accum
-        if cfg.grad_clip:
-            scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            decay = ema_decay(step, cfg.ema_decay)
-            for name, model in trained.items():  # ema <- decay * ema + (1 - decay) * weights
-                torch._foreach_lerp_(list(ema[name].parameters()), list(model.parameters()), 1 - decay)
-        losses.append(step_loss)
-        bar.set_postfix(loss=f"{step_loss:.4f}")
-
-        done = step + 1
-        if done == cfg.steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
-            save_checkpoint(checkpoint_path(out_dir, done), done, trained, ema, optimizer, scaler, cfg)
-        if on_sample and cfg.sample_every and (done % cfg.sample_every == 0 or done == cfg.steps):
-            on_sample(ema, done)
-    for model in trained.values():
-        model.eval()
+    bar = tqdm(range(run.done, cfg.steps), initial=run.done, total=cfg.steps, desc=desc, disable=not progress)
+    with _remembered_sigint() as sigints:
+        try:
+            for step in bar:
+                if sigints:
+                    raise KeyboardInterrupt  # a Ctrl-C whose exception was lost on its way
+                losses.append(_step(run, draw, loss_fn, cfg, step, out_dir, record))
+                bar.set_postfix(loss=f"{losses[-1]:.4f}")
+                if on_sample and cfg.sample_every and _due(run.done, cfg.sample_every, cfg.steps):
+                    on_sample(run.ema, run.done)
+            _save_final(run, out_dir, cfg, record)
+        except BaseException as error:
+            if not (sigints or isinstance(error, KeyboardInterrupt)):
+                raise
+            raise _interrupted(run, out_dir, cfg, record) from error
+        finally:
+            bar.close()
+            for model in trained.values():
+                model.eval()
     return losses
+
+
+def _image_size(dataset) -> tuple[int, int]:
+    height, width = torch.as_tensor(dataset[0][0]).shape[-2:]
+    return int(height), int(width)
 
 
 def train_vae(encoder: VAE_Encoder, decoder: VAE_Decoder, dataset, cfg: TrainConfig = VAETrainConfig(),
@@ -315,6 +538,7 @@ def train_vae(encoder: VAE_Encoder, decoder: VAE_Decoder, dataset, cfg: TrainCon
     device = torch.device(cfg.device)
     vae = encoder.config
     reconstruction_loss = F.l1_loss if cfg.reconstruction == "l1" else F.mse_loss
+    record = run_record(_image_size(dataset), {"encoder": encoder.config, "decoder": decoder.config}, frozen={})
 
     def draw(generator, n):
         images, _ = sample_batch(dataset, n, generator)
@@ -330,7 +554,8 @@ def train_vae(encoder: VAE_Encoder, decoder: VAE_Decoder, dataset, cfg: TrainCon
         kl = 0.5 * (mean.square() + log_variance.exp() - 1 - log_variance).float().sum(dim=(1, 2, 3))  # (B,)
         return reconstruction_loss(reconstruction.float(), images) + cfg.kl_weight * kl.mean() / images[0].numel()
 
-    return _fit({"encoder": encoder, "decoder": decoder}, draw, loss_fn, cfg, out_dir, resume_from, progress, "vae")
+    return _fit({"encoder": encoder, "decoder": decoder}, draw, loss_fn, cfg, out_dir, resume_from, progress, "vae",
+                record=record)
 
 
 def train_diffusion(models: dict[str, nn.Module], dataset, cfg: TrainConfig = TrainConfig(),
@@ -342,7 +567,8 @@ def train_diffusion(models: dict[str, nn.Module], dataset, cfg: TrainConfig = Tr
 
     models: {"clip", "encoder", "decoder", "diffusion"}; trains the UNet (and CLIP when cfg.train_text_encoder)
     in place. The EMA weights are in the checkpoints: load_ema(models, checkpoint_path(out_dir, cfg.steps)).
-    resume_from: a checkpoint of this run; it holds the trained models only, so pass the same frozen VAE."""
+    resume_from: a checkpoint of this run; it holds the trained models only, so pass the same frozen VAE (and
+    text encoder, if frozen): a checkpoint trained with other ones is refused."""
     device = torch.device(cfg.device)
     for model in models.values():
         model.to(device)
@@ -351,7 +577,9 @@ def train_diffusion(models: dict[str, nn.Module], dataset, cfg: TrainConfig = Tr
     trained = {"diffusion": diffusion_model, **({"clip": clip} if cfg.train_text_encoder else {})}
     vae = encoder.config
     forward_process = DDPMSampler()
-    height, width = dataset[0][0].shape[-2:]  # for the sample images
+    height, width = _image_size(dataset)  # for the sample images
+    frozen = {name: model_digest(models[name]) for name in ("encoder", "clip") if name not in trained}
+    record = run_record((height, width), {name: model.config for name, model in trained.items()}, frozen)
 
     def draw(generator, n):
         images, captions = sample_batch(dataset, n, generator)
@@ -378,14 +606,18 @@ def train_diffusion(models: dict[str, nn.Module], dataset, cfg: TrainConfig = Tr
         images = generate(list(cfg.sample_prompts), models={**models, **ema}, sampler_name=SAMPLER,
                           n_inference_steps=cfg.sample_steps, height=height, width=width, seed=cfg.seed,
                           tokenizer=tokenizer, progress=False, output_type="pil")
-        (Path(out_dir) / "samples").mkdir(parents=True, exist_ok=True)
-        for i, image in enumerate(images):
-            image.save(Path(out_dir) / "samples" / f"step-{step}-{i}.png")
+        with deferred_sigint():
+            for i, image in enumerate(images):
+                save_image(image, Path(out_dir) / "samples" / f"step-{step}-{i}.png", overwrite=True)
 
-    return _fit(trained, draw, loss_fn, cfg, out_dir, resume_from, progress, "diffusion", on_sample)
+    return _fit(trained, draw, loss_fn, cfg, out_dir, resume_from, progress, "diffusion", on_sample, record)
 
 
 # --- `sd train` ----------------------------------------------------------------------------------------------------
+
+SAMPLE_PROMPTS = ("a red circle on a blue background", "a yellow square on a black background")
+EXPORT_SUFFIXES = (".safetensors", ".ckpt")  # what save_standard_weights writes
+
 
 def default_configs() -> dict:
     """A small text-to-image model for 32x32 shapes, trained from scratch in minutes (about 10M parameters,
@@ -398,45 +630,232 @@ def default_configs() -> dict:
     }
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="sd train", description="Train a small text-to-image model on "
-                                     "generated shapes: the VAE first, then the UNet and its text encoder.")
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse that raises a ValueError where it would print its usage and exit: `sd` says it in one line."""
+
+    def error(self, message: str):
+        raise ValueError(f"{message} (see sd train --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _ArgumentParser(prog="sd train", description="Train a small text-to-image model on generated shapes: "
+                             "the VAE first, then the UNet and its text encoder. Ctrl-C saves the last step done.")
     parser.add_argument("--out", type=Path, required=True, help="folder for checkpoints and sample images")
     parser.add_argument("--steps", type=int, default=3000, help="diffusion steps")
-    parser.add_argument("--vae-steps", type=int, default=1000, help="VAE steps (0: keep the VAE as it is)")
+    parser.add_argument("--vae-steps", type=int, default=1000,
+                        help="VAE steps (0: keep the VAE as it is); resumes from OUT/vae by itself")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--size", type=int, default=32, help="image size in pixels")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seeds everything: initial weights, data, noise")
     parser.add_argument("--config", type=Path,
                         help='JSON of model configs {"clip": {...}, "vae": {...}, "diffusion": {...}}')
-    parser.add_argument("--resume", type=Path, help="a diffusion checkpoint to continue from")
+    parser.add_argument("--resume", type=Path, help="a diffusion checkpoint of this run (in OUT/diffusion)")
     parser.add_argument("--export", type=Path, help="where to write the final model (default OUT/model.safetensors)")
+    parser.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (0: the last)")
+    parser.add_argument("--sample-every", type=int, default=500, help="steps between sample images (0: never)")
     parser.add_argument("--mixed-precision", choices=list(MIXED_PRECISION), default="no")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args(argv)
-    configs = {**default_configs(), **(configs_from_json(args.config.read_text()) if args.config else {})}
+    return parser
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What `sd train` will do, every part of it checked before a model is built."""
+    configs: dict                     # the model configs
+    vae_cfg: VAETrainConfig | None    # None: no VAE stage (--vae-steps 0)
+    cfg: TrainConfig
+    dataset: ShapesDataset
+    export_path: Path
+    vae_resume: Path | None           # the VAE checkpoint the VAE stage goes on from
+
+
+def _check_options(args) -> None:
+    for option, value in (("--steps", args.steps), ("--batch-size", args.batch_size)):
+        check(value > 0, f"{option} must be a positive integer, got {value}")
+    for option, value in (("--vae-steps", args.vae_steps), ("--seed", args.seed),
+                          ("--checkpoint-every", args.checkpoint_every), ("--sample-every", args.sample_every)):
+        check(value >= 0, f"{option} must be an integer >= 0, got {value}")
+    check(is_finite_number(args.lr) and args.lr > 0, f"--lr must be a finite number > 0, got {args.lr}")
+
+
+def _read_config_file(path: Path) -> dict:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--config {path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"--config {path} cannot be read: {e}") from None
+    try:
+        return configs_from_json(text)
+    except CheckpointError as e:  # its message speaks of a checkpoint's metadata: say what was wrong in the file
+        raise ValueError(f'--config {path} is not a JSON of model configs {{"clip": {{...}}, "vae": {{...}}, '
+                         f'"diffusion": {{...}}}}: {e.__context__ or e}') from None
+
+
+def _model_configs(args) -> dict:
+    """default_configs() with --config's over them, checked to fit together and with --size."""
+    configs = {**default_configs(), **(_read_config_file(args.config) if args.config else {})}
+    clip, vae, unet = configs["clip"], configs["vae"], configs["diffusion"]
+    check(unet.d_context == clip.d_model, f"--config: diffusion d_context ({unet.d_context}) must equal clip "
+          f"d_model ({clip.d_model}): the UNet attends to the text encoder's output")
+    check(unet.in_channels == unet.out_channels == vae.latent_channels, f"--config: diffusion in_channels and "
+          f"out_channels ({unet.in_channels}, {unet.out_channels}) must equal vae latent_channels "
+          f"({vae.latent_channels}): the UNet denoises the VAE's latents")
+    check(args.size >= MIN_SIZE and args.size % vae.downscale == 0, f"--size must be a multiple of "
+          f"{vae.downscale} (the VAE's downscale) of at least {MIN_SIZE} pixels, got {args.size}")
     # generate()'s default size for the exported model: the images it is trained on, in latents.
-    configs["diffusion"] = dataclasses.replace(configs["diffusion"], sample_size=args.size // configs["vae"].downscale)
-    models = build_models(configs, device=args.device)
-    dataset = ShapesDataset(100_000, size=args.size, seed=args.seed)
+    configs["diffusion"] = dataclasses.replace(unet, sample_size=args.size // vae.downscale)
+    return configs
+
+
+def _check_folder(option: str, folder: Path) -> None:
+    """A folder, or a path where one can be made: not a file, not under a file."""
+    for path in (folder, *folder.parents):
+        if path.exists():
+            check(path.is_dir(), f"{option} {folder} is a file; give a folder" if path == folder else
+                  f"{option} {folder} cannot be made: {path} is a file, not a folder")
+            return
+
+
+def _check_paths(args) -> Path:
+    """--out a folder (or nothing yet), --export a file we can write, --resume a file; returns the export path."""
+    _check_folder("--out", args.out)
+    export_path = args.export or args.out / "model.safetensors"
+    check(export_path.suffix in EXPORT_SUFFIXES,
+          f"--export must end in {' or '.join(EXPORT_SUFFIXES)}, got {export_path.name!r}")
+    try:
+        check_output_path(export_path)
+    except OutputError as e:
+        raise ValueError(f"--export: {e}") from None
+    if args.resume is not None and not args.resume.is_file():
+        if not args.resume.exists():
+            raise FileNotFoundError(f"--resume {args.resume}: no such file")
+        raise ValueError(f"--resume {args.resume} is a folder; give a checkpoint such as "
+                         f"{checkpoint_path(args.resume, 500)}")
+    return export_path
+
+
+def _check_device(args) -> None:
+    try:
+        device = torch.device(args.device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device must be a torch device such as cpu, cuda or cuda:1, got {args.device!r}") from None
+    check(device.type != "cuda" or torch.cuda.is_available(),
+          f"--device {args.device}: no CUDA device is available here; use --device cpu")
+    check(args.mixed_precision != "fp16" or device.type == "cuda",
+          f"--mixed-precision fp16 needs a CUDA device (--device is {args.device}); use bf16 on a CPU")
+
+
+def _stage_configs(args) -> tuple[VAETrainConfig | None, TrainConfig]:
     common = dict(batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device,
-                  mixed_precision=args.mixed_precision, checkpoint_every=500)
-    if args.vae_steps:  # picks up where an earlier run of this stage stopped
-        vae_dir = args.out / "vae"
-        train_vae(models["encoder"], models["decoder"], dataset, VAETrainConfig(steps=args.vae_steps, **common),
-                  vae_dir, resume_from=latest_checkpoint(vae_dir))
-        models.update({k: v for k, v in load_ema(models, checkpoint_path(vae_dir, args.vae_steps)).items()
-                       if k in ("encoder", "decoder")})
-        vae = dataclasses.replace(models["encoder"].config, latent_scale=fit_latent_scale(models["encoder"], dataset))
-        models["encoder"].config = models["decoder"].config = vae
-        print(f"VAE trained; latent scale 1 / std(latents) = {vae.latent_scale}")
-    prompts = ("a red circle on a blue background", "a yellow square on a black background")
-    cfg = TrainConfig(steps=args.steps, sample_every=500, sample_prompts=prompts, **common)
-    train_diffusion(models, dataset, cfg, args.out / "diffusion", resume_from=args.resume)
-    path = export(load_ema(models, checkpoint_path(args.out / "diffusion", args.steps)),
-                  args.export or args.out / "model.safetensors", dtype=torch.float16,
-                  metadata={IMAGE_SIZE_METADATA_KEY: str(args.size)})
+                  mixed_precision=args.mixed_precision, checkpoint_every=args.checkpoint_every)
+    vae_cfg = VAETrainConfig(steps=args.vae_steps, **common) if args.vae_steps else None
+    cfg = TrainConfig(steps=args.steps, sample_every=args.sample_every, sample_prompts=SAMPLE_PROMPTS, **common)
+    return vae_cfg, cfg
+
+
+def _check_resume(args, configs: dict, cfg: TrainConfig) -> None:
+    """--resume: a checkpoint of this run's diffusion stage, which goes on only with the VAE in its --out."""
+    diffusion_dir = args.out / "diffusion"
+    check(args.resume.resolve().parent == diffusion_dir.resolve(), f"--resume {args.resume} is not in "
+          f"{diffusion_dir}: a diffusion checkpoint goes on only with the VAE of its own run, in that run's --out "
+          f"({args.resume.resolve().parent.parent})")
+    record = run_record((args.size, args.size), {"diffusion": configs["diffusion"], "clip": configs["clip"]})
+    try:
+        check_resumable(args.resume, cfg, record)
+    except ValueError as e:
+        raise ValueError(f"--resume: {e}; give the --steps, --size and --config of that run") from None
+
+
+def _vae_resume(args, configs: dict, vae_cfg: VAETrainConfig | None) -> Path | None:
+    """The latest VAE checkpoint in OUT/vae (at most --vae-steps in), checked to come from a run like this one."""
+    path = latest_checkpoint(args.out / "vae", at_most=args.vae_steps) if vae_cfg else None
+    if path is not None:
+        try:
+            check_resumable(path, vae_cfg, run_record((args.size, args.size),
+                                                      {"encoder": configs["vae"], "decoder": configs["vae"]}))
+        except ValueError as e:
+            raise ValueError(f"--out: the VAE stage would go on from {e}; use another --out, or the --size and "
+                             f"--config of that run") from None
+    return path
+
+
+def _check_vae_is_done(args, vae_resume: Path | None) -> None:
+    """With --resume, the VAE stage must have nothing left to do: more VAE steps would change the VAE that the
+    diffusion checkpoint was trained with (a VAE stopped earlier is caught by its digest, see run_record)."""
+    done = 0 if vae_resume is None else int(vae_resume.stem.split("-")[1])
+    check(done == args.vae_steps, f"--resume: the VAE stage of {args.out} is at step {done}, not at --vae-steps "
+          f"{args.vae_steps}: training it further would change the VAE the diffusion checkpoint was trained with; "
+          f"give the --vae-steps of that run")
+
+
+def make_plan(args) -> Plan:
+    """Every check of the arguments, made before any model is built or trained."""
+    _check_options(args)
+    configs = _model_configs(args)
+    export_path = _check_paths(args)
+    _check_device(args)
+    vae_cfg, cfg = _stage_configs(args)
+    if args.resume is not None:
+        _check_resume(args, configs, cfg)
+    vae_resume = _vae_resume(args, configs, vae_cfg)
+    if args.resume is not None and vae_cfg:
+        _check_vae_is_done(args, vae_resume)
+    dataset = ShapesDataset(100_000, size=args.size, seed=args.seed)
+    return Plan(configs, vae_cfg, cfg, dataset, export_path, vae_resume)
+
+
+def build_seeded_models(configs: dict, seed: int, device: str) -> dict[str, nn.Module]:
+    """build_models with PyTorch's default initialisation drawn from `seed`: built on the CPU (the same weights
+    for any device), then moved. The caller's random state is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.random.default_generator.manual_seed(seed)
+        models = build_models(configs, device="cpu")
+    return {name: model.to(device) for name, model in models.items()}
+
+
+@contextlib.contextmanager
+def _say_how_to_go_on(stage: str, how: str) -> Iterator[None]:
+    """On Ctrl-C in a stage, one line on stderr: how far it got, where that is saved and how to go on."""
+    try:
+        yield
+    except TrainingInterrupted as e:
+        if e.checkpoint is None:
+            print(f"sd train: interrupted before the first {stage} step was done; nothing to save", file=sys.stderr)
+        else:
+            print(f"sd train: interrupted; {stage} step {e.step} of {e.steps} is saved in {e.checkpoint}; to go on, "
+                  f"run the same command {how.format(checkpoint=e.checkpoint)}", file=sys.stderr)
+        raise
+
+
+def _vae_stage(models: dict, plan: Plan, args) -> None:
+    """Train the VAE (or finish training it), take its EMA weights and fit the latent scale to them."""
+    vae_dir = args.out / "vae"
+    with _say_how_to_go_on("VAE", "again (the VAE stage goes on from its latest checkpoint by itself)"):
+        train_vae(models["encoder"], models["decoder"], plan.dataset, plan.vae_cfg, vae_dir,
+                  resume_from=plan.vae_resume)
+    models.update({k: v for k, v in load_ema(models, checkpoint_path(vae_dir, args.vae_steps)).items()
+                   if k in ("encoder", "decoder")})
+    scale = fit_latent_scale(models["encoder"], plan.dataset, seed=args.seed)
+    vae = dataclasses.replace(models["encoder"].config, latent_scale=scale)
+    models["encoder"].config = models["decoder"].config = vae
+    print(f"VAE trained; latent scale 1 / std(latents) = {vae.latent_scale}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """`sd train`: raises ValueError / FileNotFoundError for bad arguments, before any work, and KeyboardInterrupt
+    (TrainingInterrupted) on Ctrl-C once the last step done is saved; the `sd` command prints them in one line."""
+    args = build_parser().parse_args(argv)
+    plan = make_plan(args)
+    models = build_seeded_models(plan.configs, args.seed, args.device)
+    if plan.vae_cfg:
+        _vae_stage(models, plan, args)
+    with _say_how_to_go_on("diffusion", "with --resume {checkpoint}"):
+        train_diffusion(models, plan.dataset, plan.cfg, args.out / "diffusion", resume_from=args.resume)
+    with deferred_sigint():  # the run is done: a Ctrl-C now waits for its file
+        final = load_ema(models, checkpoint_path(args.out / "diffusion", args.steps))
+        path = export(final, plan.export_path, dtype=torch.float16, metadata={IMAGE_SIZE_METADATA_KEY: str(args.size)})
     print(f"wrote {path}")
 
 
