@@ -277,7 +277,7 @@ def _one_line_warnings(message, category, filename, lineno, file=None, line=None
 
 def run_command(argv: list[str]) -> int:
     if argv[:1] == ["train"]:
-        from .training.train import main as train_main
+        from .training.command import main as train_main
 
         return train_main(argv[1:]) or 0
     run_generation(build_parser().parse_args(argv))

@@ -15,11 +15,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+import sd.training.command
 import sd.training.train
 from reference import tiny_configs
 from sd.model_loader import build_models, preload_models_from_standard_weights
 from sd.training.train import (TrainConfig, TrainingInterrupted, VAETrainConfig, checkpoint_path, deferred_sigint,
-                               export, load_ema, main, train_diffusion, train_vae)
+                               export, load_ema, train_diffusion, train_vae)
+from sd.training.command import main
 
 COLOURS = {"red": (1.0, -1.0, -1.0), "green": (-1.0, 1.0, -1.0), "blue": (-1.0, -1.0, 1.0), "white": (1.0, 1.0, 1.0)}
 
@@ -207,7 +209,7 @@ def tiny_args(out, *extra, steps: int = 2) -> list[str]:
 
 
 def test_main_trains_and_exports(tmp_path):
-    sd.training.train.main(tiny_args(tmp_path / "run"))
+    sd.training.command.main(tiny_args(tmp_path / "run"))
     models = preload_models_from_standard_weights(tmp_path / "run" / "model.safetensors")
     assert models["diffusion"].config == tiny_configs()["diffusion"]
 
@@ -249,14 +251,15 @@ def test_main_same_seed_same_weights_other_seed_other_weights(tmp_path):
     (["--sample-every", "-5"], ValueError, "--sample-every must be an integer >= 0"),
     (["--steps", "many"], ValueError, "argument --steps: invalid int value: 'many'"),
     (["--mixed-precision", "fp16", "--device", "cpu"], ValueError, "--mixed-precision fp16 needs a CUDA device"),
-    (["--device", "toaster"], ValueError, "--device must be a torch device such as cpu, cuda or cuda:1"),
+    (["--device", "toaster"], ValueError, "--device: device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"),
+    (["--device", "meta"], ValueError, "--device: device 'meta' is not one sd runs on"),
     (["--export", "model.bin"], ValueError, "--export must end in .safetensors or .ckpt, got 'model.bin'"),
     (["--export", "afile/model.safetensors"], ValueError, "--export: .* is a file, not a folder"),
     (["--resume", "missing.safetensors"], FileNotFoundError, "--resume missing.safetensors: no such file"),
     (["--resume", "run/diffusion/afile"], ValueError, "is not a readable .safetensors checkpoint"),
     (["--config", "missing.json"], FileNotFoundError, "--config missing.json: no such file"),
     (["--config", "bad.json"], ValueError, "--config bad.json is not a JSON of model configs"),
-    (["--config", "mismatch.json"], ValueError, "--config: diffusion d_context \\(32\\) must equal clip d_model"),
+    (["--config", "mismatch.json"], ValueError, "--config: diffusion d_context=32 must equal clip d_model"),
     (["--out", "afile"], ValueError, "--out afile is a file; give a folder"),
     (["--out", "afile/run"], ValueError, "--out afile/run cannot be made: afile is a file, not a folder"),
 ])
@@ -271,7 +274,7 @@ def test_main_checks_every_argument_before_any_work(tmp_path, monkeypatch, extra
     def no_models(*args, **kwargs):
         raise AssertionError("a model was built before the arguments were checked")
 
-    monkeypatch.setattr(sd.training.train, "build_models", no_models)
+    monkeypatch.setattr(sd.training.command, "build_models", no_models)
     with pytest.raises(error, match=message):
         main(["--out", "run", *extra])  # later --out wins
 

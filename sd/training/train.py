@@ -18,7 +18,6 @@ KeyboardInterrupt) says where; a Ctrl-C while a step is applied or a file is wri
 A checkpoint records its run (image size, model configs, digests of the frozen models) and resumes only that run.
 """
 
-import argparse
 import contextlib
 import copy
 import dataclasses
@@ -26,7 +25,6 @@ import hashlib
 import json
 import os
 import signal
-import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -41,19 +39,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..checkpoint_io import CheckpointError
-from ..checks import check, is_finite_number, is_int, is_number
-from ..clip import CLIPConfig
+from ..checks import is_finite_number, is_int, is_number
 from ..ddpm import DDPMSampler
-from ..decoder import VAE_Decoder, VAEConfig
-from ..diffusion import DiffusionConfig
+from ..decoder import VAE_Decoder
 from ..encoder import VAE_Encoder
-from ..files import OutputError, atomic_output, check_output_path, save_image
-from ..model_loader import IMAGE_SIZE_METADATA_KEY, build_models, configs_from_json, save_standard_weights
+from ..files import atomic_output, save_image
+from ..model_loader import save_standard_weights
 from ..pipeline import generate
 from ..schedule import N_TRAINING_STEPS
 from ..tokenizer import tokenize
-from .datasets import MIN_SIZE, ShapesDataset
 
 MIXED_PRECISION = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 SAMPLER = "ddim"  # for the periodic sample images: deterministic and good in few steps
@@ -611,253 +605,3 @@ def train_diffusion(models: dict[str, nn.Module], dataset, cfg: TrainConfig = Tr
                 save_image(image, Path(out_dir) / "samples" / f"step-{step}-{i}.png", overwrite=True)
 
     return _fit(trained, draw, loss_fn, cfg, out_dir, resume_from, progress, "diffusion", on_sample, record)
-
-
-# --- `sd train` ----------------------------------------------------------------------------------------------------
-
-SAMPLE_PROMPTS = ("a red circle on a blue background", "a yellow square on a black background")
-EXPORT_SUFFIXES = (".safetensors", ".ckpt")  # what save_standard_weights writes
-
-
-def default_configs() -> dict:
-    """A small text-to-image model for 32x32 shapes, trained from scratch in minutes (about 10M parameters,
-    most of them CLIP's token embeddings): the VAE halves twice (32 px -> 8x8 latents)."""
-    return {
-        "clip": CLIPConfig(d_model=128, n_heads=4, n_layers=4, d_ff=512),
-        "vae": VAEConfig(block_out_channels=(32, 64, 128), layers_per_block=1, n_groups=8),
-        "diffusion": DiffusionConfig(model_channels=64, channel_mult=(1, 2, 2), n_res_blocks=1,
-                                     attention_levels=(True, True, False), n_heads=4, d_context=128, n_groups=16),
-    }
-
-
-class _ArgumentParser(argparse.ArgumentParser):
-    """argparse that raises a ValueError where it would print its usage and exit: `sd` says it in one line."""
-
-    def error(self, message: str):
-        raise ValueError(f"{message} (see sd train --help)")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _ArgumentParser(prog="sd train", description="Train a small text-to-image model on generated shapes: "
-                             "the VAE first, then the UNet and its text encoder. Ctrl-C saves the last step done.")
-    parser.add_argument("--out", type=Path, required=True, help="folder for checkpoints and sample images")
-    parser.add_argument("--steps", type=int, default=3000, help="diffusion steps")
-    parser.add_argument("--vae-steps", type=int, default=1000,
-                        help="VAE steps (0: keep the VAE as it is); resumes from OUT/vae by itself")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=3e-4)
-    parser.add_argument("--size", type=int, default=32, help="image size in pixels")
-    parser.add_argument("--seed", type=int, default=0, help="seeds everything: initial weights, data, noise")
-    parser.add_argument("--config", type=Path,
-                        help='JSON of model configs {"clip": {...}, "vae": {...}, "diffusion": {...}}')
-    parser.add_argument("--resume", type=Path, help="a diffusion checkpoint of this run (in OUT/diffusion)")
-    parser.add_argument("--export", type=Path, help="where to write the final model (default OUT/model.safetensors)")
-    parser.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (0: the last)")
-    parser.add_argument("--sample-every", type=int, default=500, help="steps between sample images (0: never)")
-    parser.add_argument("--mixed-precision", choices=list(MIXED_PRECISION), default="no")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    return parser
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What `sd train` will do, every part of it checked before a model is built."""
-    configs: dict                     # the model configs
-    vae_cfg: VAETrainConfig | None    # None: no VAE stage (--vae-steps 0)
-    cfg: TrainConfig
-    dataset: ShapesDataset
-    export_path: Path
-    vae_resume: Path | None           # the VAE checkpoint the VAE stage goes on from
-
-
-def _check_options(args) -> None:
-    for option, value in (("--steps", args.steps), ("--batch-size", args.batch_size)):
-        check(value > 0, f"{option} must be a positive integer, got {value}")
-    for option, value in (("--vae-steps", args.vae_steps), ("--seed", args.seed),
-                          ("--checkpoint-every", args.checkpoint_every), ("--sample-every", args.sample_every)):
-        check(value >= 0, f"{option} must be an integer >= 0, got {value}")
-    check(is_finite_number(args.lr) and args.lr > 0, f"--lr must be a finite number > 0, got {args.lr}")
-
-
-def _read_config_file(path: Path) -> dict:
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"--config {path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"--config {path} cannot be read: {e}") from None
-    try:
-        return configs_from_json(text)
-    except CheckpointError as e:  # its message speaks of a checkpoint's metadata: say what was wrong in the file
-        raise ValueError(f'--config {path} is not a JSON of model configs {{"clip": {{...}}, "vae": {{...}}, '
-                         f'"diffusion": {{...}}}}: {e.__context__ or e}') from None
-
-
-def _model_configs(args) -> dict:
-    """default_configs() with --config's over them, checked to fit together and with --size."""
-    configs = {**default_configs(), **(_read_config_file(args.config) if args.config else {})}
-    clip, vae, unet = configs["clip"], configs["vae"], configs["diffusion"]
-    check(unet.d_context == clip.d_model, f"--config: diffusion d_context ({unet.d_context}) must equal clip "
-          f"d_model ({clip.d_model}): the UNet attends to the text encoder's output")
-    check(unet.in_channels == unet.out_channels == vae.latent_channels, f"--config: diffusion in_channels and "
-          f"out_channels ({unet.in_channels}, {unet.out_channels}) must equal vae latent_channels "
-          f"({vae.latent_channels}): the UNet denoises the VAE's latents")
-    check(args.size >= MIN_SIZE and args.size % vae.downscale == 0, f"--size must be a multiple of "
-          f"{vae.downscale} (the VAE's downscale) of at least {MIN_SIZE} pixels, got {args.size}")
-    # generate()'s default size for the exported model: the images it is trained on, in latents.
-    configs["diffusion"] = dataclasses.replace(unet, sample_size=args.size // vae.downscale)
-    return configs
-
-
-def _check_folder(option: str, folder: Path) -> None:
-    """A folder, or a path where one can be made: not a file, not under a file."""
-    for path in (folder, *folder.parents):
-        if path.exists():
-            check(path.is_dir(), f"{option} {folder} is a file; give a folder" if path == folder else
-                  f"{option} {folder} cannot be made: {path} is a file, not a folder")
-            return
-
-
-def _check_paths(args) -> Path:
-    """--out a folder (or nothing yet), --export a file we can write, --resume a file; returns the export path."""
-    _check_folder("--out", args.out)
-    export_path = args.export or args.out / "model.safetensors"
-    check(export_path.suffix in EXPORT_SUFFIXES,
-          f"--export must end in {' or '.join(EXPORT_SUFFIXES)}, got {export_path.name!r}")
-    try:
-        check_output_path(export_path)
-    except OutputError as e:
-        raise ValueError(f"--export: {e}") from None
-    if args.resume is not None and not args.resume.is_file():
-        if not args.resume.exists():
-            raise FileNotFoundError(f"--resume {args.resume}: no such file")
-        raise ValueError(f"--resume {args.resume} is a folder; give a checkpoint such as "
-                         f"{checkpoint_path(args.resume, 500)}")
-    return export_path
-
-
-def _check_device(args) -> None:
-    try:
-        device = torch.device(args.device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"--device must be a torch device such as cpu, cuda or cuda:1, got {args.device!r}") from None
-    check(device.type != "cuda" or torch.cuda.is_available(),
-          f"--device {args.device}: no CUDA device is available here; use --device cpu")
-    check(args.mixed_precision != "fp16" or device.type == "cuda",
-          f"--mixed-precision fp16 needs a CUDA device (--device is {args.device}); use bf16 on a CPU")
-
-
-def _stage_configs(args) -> tuple[VAETrainConfig | None, TrainConfig]:
-    common = dict(batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device,
-                  mixed_precision=args.mixed_precision, checkpoint_every=args.checkpoint_every)
-    vae_cfg = VAETrainConfig(steps=args.vae_steps, **common) if args.vae_steps else None
-    cfg = TrainConfig(steps=args.steps, sample_every=args.sample_every, sample_prompts=SAMPLE_PROMPTS, **common)
-    return vae_cfg, cfg
-
-
-def _check_resume(args, configs: dict, cfg: TrainConfig) -> None:
-    """--resume: a checkpoint of this run's diffusion stage, which goes on only with the VAE in its --out."""
-    diffusion_dir = args.out / "diffusion"
-    check(args.resume.resolve().parent == diffusion_dir.resolve(), f"--resume {args.resume} is not in "
-          f"{diffusion_dir}: a diffusion checkpoint goes on only with the VAE of its own run, in that run's --out "
-          f"({args.resume.resolve().parent.parent})")
-    record = run_record((args.size, args.size), {"diffusion": configs["diffusion"], "clip": configs["clip"]})
-    try:
-        check_resumable(args.resume, cfg, record)
-    except ValueError as e:
-        raise ValueError(f"--resume: {e}; give the --steps, --size and --config of that run") from None
-
-
-def _vae_resume(args, configs: dict, vae_cfg: VAETrainConfig | None) -> Path | None:
-    """The latest VAE checkpoint in OUT/vae (at most --vae-steps in), checked to come from a run like this one."""
-    path = latest_checkpoint(args.out / "vae", at_most=args.vae_steps) if vae_cfg else None
-    if path is not None:
-        try:
-            check_resumable(path, vae_cfg, run_record((args.size, args.size),
-                                                      {"encoder": configs["vae"], "decoder": configs["vae"]}))
-        except ValueError as e:
-            raise ValueError(f"--out: the VAE stage would go on from {e}; use another --out, or the --size and "
-                             f"--config of that run") from None
-    return path
-
-
-def _check_vae_is_done(args, vae_resume: Path | None) -> None:
-    """With --resume, the VAE stage must have nothing left to do: more VAE steps would change the VAE that the
-    diffusion checkpoint was trained with (a VAE stopped earlier is caught by its digest, see run_record)."""
-    done = 0 if vae_resume is None else int(vae_resume.stem.split("-")[1])
-    check(done == args.vae_steps, f"--resume: the VAE stage of {args.out} is at step {done}, not at --vae-steps "
-          f"{args.vae_steps}: training it further would change the VAE the diffusion checkpoint was trained with; "
-          f"give the --vae-steps of that run")
-
-
-def make_plan(args) -> Plan:
-    """Every check of the arguments, made before any model is built or trained."""
-    _check_options(args)
-    configs = _model_configs(args)
-    export_path = _check_paths(args)
-    _check_device(args)
-    vae_cfg, cfg = _stage_configs(args)
-    if args.resume is not None:
-        _check_resume(args, configs, cfg)
-    vae_resume = _vae_resume(args, configs, vae_cfg)
-    if args.resume is not None and vae_cfg:
-        _check_vae_is_done(args, vae_resume)
-    dataset = ShapesDataset(100_000, size=args.size, seed=args.seed)
-    return Plan(configs, vae_cfg, cfg, dataset, export_path, vae_resume)
-
-
-def build_seeded_models(configs: dict, seed: int, device: str) -> dict[str, nn.Module]:
-    """build_models with PyTorch's default initialisation drawn from `seed`: built on the CPU (the same weights
-    for any device), then moved. The caller's random state is left as it was."""
-    with torch.random.fork_rng(devices=[]):
-        torch.random.default_generator.manual_seed(seed)
-        models = build_models(configs, device="cpu")
-    return {name: model.to(device) for name, model in models.items()}
-
-
-@contextlib.contextmanager
-def _say_how_to_go_on(stage: str, how: str) -> Iterator[None]:
-    """On Ctrl-C in a stage, one line on stderr: how far it got, where that is saved and how to go on."""
-    try:
-        yield
-    except TrainingInterrupted as e:
-        if e.checkpoint is None:
-            print(f"sd train: interrupted before the first {stage} step was done; nothing to save", file=sys.stderr)
-        else:
-            print(f"sd train: interrupted; {stage} step {e.step} of {e.steps} is saved in {e.checkpoint}; to go on, "
-                  f"run the same command {how.format(checkpoint=e.checkpoint)}", file=sys.stderr)
-        raise
-
-
-def _vae_stage(models: dict, plan: Plan, args) -> None:
-    """Train the VAE (or finish training it), take its EMA weights and fit the latent scale to them."""
-    vae_dir = args.out / "vae"
-    with _say_how_to_go_on("VAE", "again (the VAE stage goes on from its latest checkpoint by itself)"):
-        train_vae(models["encoder"], models["decoder"], plan.dataset, plan.vae_cfg, vae_dir,
-                  resume_from=plan.vae_resume)
-    models.update({k: v for k, v in load_ema(models, checkpoint_path(vae_dir, args.vae_steps)).items()
-                   if k in ("encoder", "decoder")})
-    scale = fit_latent_scale(models["encoder"], plan.dataset, seed=args.seed)
-    vae = dataclasses.replace(models["encoder"].config, latent_scale=scale)
-    models["encoder"].config = models["decoder"].config = vae
-    print(f"VAE trained; latent scale 1 / std(latents) = {vae.latent_scale}")
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """`sd train`: raises ValueError / FileNotFoundError for bad arguments, before any work, and KeyboardInterrupt
-    (TrainingInterrupted) on Ctrl-C once the last step done is saved; the `sd` command prints them in one line."""
-    args = build_parser().parse_args(argv)
-    plan = make_plan(args)
-    models = build_seeded_models(plan.configs, args.seed, args.device)
-    if plan.vae_cfg:
-        _vae_stage(models, plan, args)
-    with _say_how_to_go_on("diffusion", "with --resume {checkpoint}"):
-        train_diffusion(models, plan.dataset, plan.cfg, args.out / "diffusion", resume_from=args.resume)
-    with deferred_sigint():  # the run is done: a Ctrl-C now waits for its file
-        final = load_ema(models, checkpoint_path(args.out / "diffusion", args.steps))
-        path = export(final, plan.export_path, dtype=torch.float16, metadata={IMAGE_SIZE_METADATA_KEY: str(args.size)})
-    print(f"wrote {path}")
-
-
-if __name__ == "__main__":
-    main()
