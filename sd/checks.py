@@ -5,16 +5,25 @@ No tutorial counterpart. Errors speak to the user: what was wrong and what is ac
 
 import dataclasses
 import math
+import numbers
+
+MAX_CONFIG_INT = 2**20  # no size in a model config is this large (SD 1.5's largest: CLIP's 49,408-token vocabulary)
+MAX_LEVELS = 16  # resolution levels of a VAE or UNet: each halves the size, so 16 is already a 65536x downscale
+
+
+def is_bool(value) -> bool:
+    return isinstance(value, bool) or type(value).__name__ == "bool_"  # Python's, or numpy's np.bool_
 
 
 def is_int(value) -> bool:
-    """An integer, not a bool (True is an int to Python, but never a step count, a size or a seed)."""
-    return isinstance(value, int) and not isinstance(value, bool)
+    """An integer (Python's or numpy's), not a bool (True is an int to Python, but never a step count, a size or
+    a seed)."""
+    return isinstance(value, numbers.Integral) and not is_bool(value)
 
 
 def is_number(value) -> bool:
-    """An int or a float, not a bool."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A real number (int, float, numpy's float32 ...), not a bool."""
+    return isinstance(value, numbers.Real) and not is_bool(value)
 
 
 def is_finite_number(value) -> bool:
@@ -32,12 +41,13 @@ def check(condition: bool, message: str) -> None:
 # and scales finite numbers > 0, per-level tuples non-empty. A config file or a checkpoint's metadata can hold anything.
 # Keyed by the field's annotation (a type, not a string: these files do not use `from __future__ import annotations`).
 _FIELD_RULES = {
-    int: (lambda v: is_int(v) and v > 0, "a positive integer"),
+    int: (lambda v: is_int(v) and 0 < v <= MAX_CONFIG_INT, f"a positive integer up to {MAX_CONFIG_INT}"),
     float: (lambda v: is_finite_number(v) and v > 0, "a finite number > 0"),
-    tuple[int, ...]: (lambda v: isinstance(v, tuple) and len(v) > 0 and all(is_int(c) and c > 0 for c in v),
-                      "a non-empty list of positive integers"),
-    tuple[bool, ...]: (lambda v: isinstance(v, tuple) and len(v) > 0 and all(isinstance(c, bool) for c in v),
-                       "a non-empty list of true/false"),
+    tuple[int, ...]: (lambda v: isinstance(v, tuple) and 0 < len(v) <= MAX_LEVELS
+                      and all(is_int(c) and 0 < c <= MAX_CONFIG_INT for c in v),
+                      f"a list of 1 to {MAX_LEVELS} positive integers up to {MAX_CONFIG_INT}"),
+    tuple[bool, ...]: (lambda v: isinstance(v, tuple) and 0 < len(v) <= MAX_LEVELS and all(isinstance(c, bool) for c in v),
+                       f"a list of 1 to {MAX_LEVELS} true/false"),
 }
 
 
@@ -48,6 +58,10 @@ def check_config_fields(cfg) -> None:
         accepts, accepted = _FIELD_RULES[field.type]
         value = getattr(cfg, field.name)
         check(accepts(value), f"{type(cfg).__name__}.{field.name} must be {accepted}, got {value!r}")
+
+
+class UsageError(ValueError):
+    """A command line argparse refuses (an unknown option, a value of the wrong type): exit code 2, as argparse's."""
 
 
 class NonFiniteError(RuntimeError):

@@ -7,14 +7,17 @@ once. Everything is checked before the model loads; known errors are one line (m
 """
 
 import argparse
+import contextlib
 import hashlib
 import json
 import re
+import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 
-from .checks import NonFiniteError
+from .checks import NonFiniteError, UsageError
 from .files import check_image_output, is_disk_full, save_image
 from .images import RESIZE_MODES
 from .pipeline import NONFINITE
@@ -46,7 +49,7 @@ def check_prompt_metadata(prompt: str, negative_prompt: str) -> None:
     """Refuse the prompts AUTOMATIC1111's readers would misread: a prompt line starting "Negative prompt:" would be read
     as the negative prompt, and anything after it as the rest of the text."""
     for name, text in (("prompt", prompt), ("negative prompt", negative_prompt)):
-        if any(line.startswith(NEGATIVE_PREFIX.strip()) for line in text.split("\n")):
+        if any(line.strip().startswith(NEGATIVE_PREFIX.strip()) for line in text.split("\n")):  # as A1111 reads
             raise ValueError(f"the {name} has a line starting {NEGATIVE_PREFIX.strip()!r}, which the image's parameters "
                              f"would misread; give the negative prompt with --negative-prompt, on one line")
 
@@ -134,8 +137,16 @@ def _add_image_args(p: argparse.ArgumentParser, strength: float) -> None:
                    help="an image of another shape than the output: stretch it (default, with a warning) or crop it")
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that raises a UsageError (one line from the error boundary, exit code 2) where it would print its
+    usage and exit."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sd", description="Stable Diffusion 1.x from scratch: make images from text.")
+    parser = ArgumentParser(prog="sd", description="Stable Diffusion 1.x from scratch: make images from text.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_generation_args(commands.add_parser("generate", help="text to image"))
     img2img = commands.add_parser("img2img", help="image to image")
@@ -153,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _open_image(path: Path, what: str):
     from PIL import Image, UnidentifiedImageError
 
+    if path.is_dir():
+        raise ValueError(f"{what} {path} is a folder; give an image file")
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
     try:
@@ -182,10 +195,24 @@ def _preview_writer(models, path: Path, width: int, height: int):
     return write
 
 
-def output_paths(output: Path, n: int) -> list[Path]:
-    """Where the n images go, each checked (extension, folder) before any work."""
-    paths = [output] if n == 1 else [output.with_name(f"{output.stem}-{i}{output.suffix}") for i in range(n)]
-    return [check_image_output(path) for path in paths]
+def output_path(output: Path, i: int, n: int) -> Path:
+    """Where image i of n goes: output itself for one image, else out-0.png, out-1.png, ..."""
+    return output if n == 1 else output.with_name(f"{output.stem}-{i}{output.suffix}")
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """Before any work: the output's extension and folder (every image goes beside the first, in its format), and a
+    preview path that is new (or --overwrite) and is neither the output nor the input."""
+    check_image_output(output_path(Path(args.output), 0, args.num_images))
+    if args.preview is None:
+        return
+    check_image_output(args.preview)
+    taken = [Path(args.output)] + [getattr(args, name) for name in ("image", "mask") if getattr(args, name, None)]
+    if any(args.preview.resolve() == path.resolve() for path in taken):
+        raise ValueError(f"--preview {args.preview} is also the output or an input: give the preview its own file")
+    if args.preview.exists() and not args.overwrite:
+        raise ValueError(f"--preview {args.preview} exists and would be replaced at every step; give a new path, "
+                         f"or --overwrite")
 
 
 def resolve_seed(seed: int | None) -> int:
@@ -210,21 +237,21 @@ def run_generation(args: argparse.Namespace) -> list[Path]:
 
     from .devices import resolve_device
     from .model_loader import preload_models_from_standard_weights
-    from .pipeline import check_numbers, default_size, generate
+    from .pipeline import check_mask_size, check_numbers, default_size, generate
 
     checkpoint = args.checkpoint or EMBEDDED_CHECKPOINT
     if args.checkpoint is None and not checkpoint.is_file():
         raise FileNotFoundError(f"the embedded model {checkpoint} is missing from this installation; "
                                 "pass --checkpoint weights/v1-5-pruned-emaonly.safetensors (see weights/README.md)")
-    paths = output_paths(Path(args.output), args.num_images)
-    if args.preview:
-        check_image_output(args.preview)
+    seed = resolve_seed(args.seed)
+    check_numbers(args.cfg_scale, getattr(args, "strength", 1.0), args.num_images, seed, None, args.height, args.width)
+    check_outputs(args)
     check_prompt_metadata(args.prompt, args.negative_prompt)
     image = _open_image(args.image, "image") if getattr(args, "image", None) else None
     mask = _open_image(args.mask, "mask") if getattr(args, "mask", None) else None
+    if mask is not None:
+        check_mask_size(image, mask)
     run = steps_run(args, image)
-    seed = resolve_seed(args.seed)
-    check_numbers(args.cfg_scale, getattr(args, "strength", 1.0), args.num_images, seed, None, args.height, args.width)
     device = resolve_device(args.device)
     label = "embedded model" if args.checkpoint is None else "checkpoint"
     print(f"sd: {label} {checkpoint} on {device}, {args.sampler} {run} steps, seed {seed}", file=sys.stderr)
@@ -240,7 +267,8 @@ def run_generation(args: argparse.Namespace) -> list[Path]:
                       resize_mode=getattr(args, "resize_mode", "stretch"), nonfinite=args.nonfinite)
     digest = model_hash(checkpoint)
     written = []
-    for i, (picture, path) in enumerate(zip(images, paths)):
+    for i, picture in enumerate(images):
+        path = output_path(Path(args.output), i, len(images))
         parameters = a1111_parameters(
             args.prompt, args.negative_prompt, args.steps, args.sampler, args.cfg_scale, seed, width, height,
             checkpoint, digest, strength=args.strength if image is not None else None, batch=(len(images), i),
@@ -260,8 +288,8 @@ def explain(error: BaseException) -> str | None:
 
     if isinstance(error, (MemoryError, torch.OutOfMemoryError)) or \
             (isinstance(error, RuntimeError) and OUT_OF_MEMORY.search(str(error))):
-        return ("out of memory: make fewer images (--num-images), smaller ones (--height/--width), or use "
-                "--dtype bfloat16 (float16 on a GPU)")
+        return ("out of memory: make the work smaller (sd generate: fewer or smaller images, --num-images, --height, "
+                "--width, or --dtype bfloat16; sd train: --batch-size, --size)")
     if isinstance(error, OSError) and is_disk_full(error):
         return f"the disk is full{f' writing {error.filename}' if error.filename else ''}; nothing partial was left"
     if isinstance(error, OSError) and not isinstance(error, FileNotFoundError) and error.filename:
@@ -273,6 +301,20 @@ def explain(error: BaseException) -> str | None:
 
 def _one_line_warnings(message, category, filename, lineno, file=None, line=None) -> None:
     print(f"sd: warning: {message}", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM (kill, docker stop, a job scheduler's time limit) stops sd as Ctrl-C does: the same clean exit, the
+    same last checkpoint in training. Only the main thread may set a handler."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def run_command(argv: list[str]) -> int:
@@ -290,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]  # train parses its own options: take it out for both
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), sigterm_as_interrupt():
         if not debug:
             warnings.showwarning = _one_line_warnings
         try:
@@ -305,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
             if message is None:
                 raise
             print(f"sd: error: {message}", file=sys.stderr)
-            return 1
+            return 2 if isinstance(error, UsageError) else 1
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ chunk; JPEG and WebP: EXIF UserComment, "UNICODE\\0" + UTF-16 as piexif writes i
 import contextlib
 import errno
 import os
+import struct
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +24,9 @@ JPEG_QUALITY = 95  # AUTOMATIC1111's default (jpeg_quality / webp quality)
 EXIF_IFD = 0x8769  # the Exif sub-IFD, where UserComment lives
 USER_COMMENT = 0x9286  # EXIF UserComment: 8 bytes naming the encoding, then the text
 UNICODE_PREFIX = b"UNICODE\0"  # piexif.helper.UserComment's "unicode" encoding (UTF-16, big-endian)
+TIFF_LONG, TIFF_UNDEFINED = 4, 7  # EXIF field types: UserComment must be UNDEFINED (Pillow would write BYTE)
 MAX_FREE_NAME_TRIES = 10_000
+TEMP_NAME_CHARS = 64  # of the target's name kept in the temporary name, so a long legal name stays legal
 
 
 class OutputError(ValueError):
@@ -54,12 +57,12 @@ def atomic_output(path: str | os.PathLike, overwrite: bool = True) -> Iterator[P
     path = Path(path)
     check_output_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:TEMP_NAME_CHARS]}.", suffix=".tmp")
     os.close(fd)
     tmp = Path(tmp)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private (0600); give it the mode a plain open() would
         yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's file (or one a writer renamed over it) is private: 0600
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         if overwrite:
@@ -73,26 +76,30 @@ def atomic_output(path: str | os.PathLike, overwrite: bool = True) -> Iterator[P
 
 
 def check_output_path(path: Path) -> None:
-    """Refuse, before any work, a path that is a folder, lies under a file or in a folder we may not write to."""
+    """Refuse, before any work, a path that is a folder, lies under a file or in a folder we cannot write to (tried
+    with a temporary file: permissions alone do not tell, for root or on a read-only file system)."""
     if path.is_dir():
         raise OutputError(f"{path} is a folder; give a file name such as {path / 'out.png'}")
     for parent in path.parents:
         if parent.exists():
             if not parent.is_dir():
                 raise OutputError(f"cannot write {path}: {parent} is a file, not a folder")
-            if not os.access(parent, os.W_OK | os.X_OK):
-                raise OutputError(f"cannot write {path}: the folder {parent} is not writable")
+            try:
+                with tempfile.TemporaryFile(dir=parent):
+                    pass
+            except OSError as e:
+                raise OutputError(f"cannot write {path}: {e.strerror} in {parent}") from None
             break
 
 
 def free_path(path: Path) -> Path:
     """`path` if no file has that name, else the first free `stem-1.ext`, `stem-2.ext`, ... (AUTOMATIC1111 also
     numbers its outputs rather than replace one)."""
-    if not path.exists():
+    if not os.path.lexists(path):  # a broken symlink is a name taken too
         return path
     for n in range(1, MAX_FREE_NAME_TRIES):
         candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
-        if not candidate.exists():
+        if not os.path.lexists(candidate):
             return candidate
     raise FileExistsError(f"{path} and {MAX_FREE_NAME_TRIES} numbered names beside it exist; use --overwrite")
 
@@ -124,10 +131,22 @@ def _save_options(fmt: str, parameters: str | None) -> dict:
         return {"pnginfo": info}
     options = {"quality": JPEG_QUALITY}
     if parameters is not None:
-        exif = Image.Exif()
-        exif.get_ifd(EXIF_IFD)[USER_COMMENT] = UNICODE_PREFIX + parameters.encode("utf-16-be")
-        options["exif"] = exif
+        options["exif"] = exif_user_comment(parameters)
     return options
+
+
+def exif_user_comment(text: str) -> bytes:
+    """EXIF that holds only UserComment = text, as piexif writes it for AUTOMATIC1111 (type UNDEFINED, "UNICODE\0" +
+    UTF-16BE): a little-endian TIFF header, IFD0 with one entry pointing to the Exif IFD, whose one entry points to
+    the comment."""
+    comment = UNICODE_PREFIX + text.encode("utf-16-be")
+    ifd0 = 8                      # after the header
+    exif_ifd = ifd0 + 2 + 12 + 4  # after IFD0: its entry count, one 12-byte entry, the next-IFD offset
+    data = exif_ifd + 2 + 12 + 4
+    return (b"Exif\0\0" + b"II*\0" + struct.pack("<I", ifd0)
+            + struct.pack("<HHHII", 1, EXIF_IFD, TIFF_LONG, 1, exif_ifd) + struct.pack("<I", 0)
+            + struct.pack("<HHHII", 1, USER_COMMENT, TIFF_UNDEFINED, len(comment), data) + struct.pack("<I", 0)
+            + comment)
 
 
 def save_image(image: Image.Image, path: str | os.PathLike, parameters: str | None = None,

@@ -17,6 +17,16 @@ ASPECT_TOLERANCE = 0.01  # a stretch that changes the aspect ratio by more than 
 WIDE_MODES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535, "F": 1.0}  # full scale
 
 
+EXIF_ORIENTATION = 0x0112
+TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)  # rotated by 90° or 270°: shown with width and height swapped
+
+
+def oriented_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) as the image is shown, its EXIF orientation applied."""
+    w, h = image.size
+    return (h, w) if image.getexif().get(EXIF_ORIENTATION) in TRANSPOSED_ORIENTATIONS else (w, h)
+
+
 def to_8bit(image: Image.Image, mode: str) -> Image.Image:
     """The image the right way up, in `mode` ("RGB" or "L"), 8 bits per channel."""
     image = ImageOps.exif_transpose(image)

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from .checks import NonFiniteError, check, is_finite_number, is_int
 from .ddpm import NoiseModel
 from .devices import model_device, resolve_device, restored_on_failure
-from .images import RESIZE_MODES, image_to_tensor, mask_to_tensor
+from .images import RESIZE_MODES, image_to_tensor, mask_to_tensor, oriented_size
 from .inspect.attention_maps import AttentionMaps
 from .samplers import make_sampler
 from .schedule import alpha_cumprod_at, make_alphas_cumprod, make_betas
@@ -47,7 +47,7 @@ DECODER_LIVE_TENSORS = 3  # at full resolution the decoder holds at least an inp
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """Decoder output (B, 3, H, W) in about [-1, 1] -> (B, H, W, 3) uint8, rounded (the tutorial's rescale + clamp)."""
-    images = ((images.detach().float() + 1) / 2).clamp(0, 1)
+    images = ((images.detach().float().nan_to_num(0.0) + 1) / 2).clamp(0, 1)  # NaN (nonfinite="warn"): grey
     return (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
 
 
@@ -65,10 +65,15 @@ def to_output(images: torch.Tensor, output_type: str, batched: bool):
 
 def _prompt_list(value, name: str) -> list[str]:
     if isinstance(value, str):
-        return [value]
-    if isinstance(value, Sequence) and value and all(isinstance(p, str) for p in value):
-        return list(value)
-    raise TypeError(f"{name} must be a string or a non-empty list of strings, got {value!r:.80}")
+        value = [value]
+    if not (isinstance(value, Sequence) and value and all(isinstance(p, str) for p in value)):
+        raise TypeError(f"{name} must be a string or a non-empty list of strings, got {value!r:.80}")
+    for p in value:  # a shell passes bytes that are not UTF-8 as lone surrogates, which no tokenizer takes
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"{name} is not valid text (UTF-8): {p!r:.80} has {e.object[e.start:e.end]!r}") from None
+    return list(value)
 
 
 def check_prompts(prompt, uncond_prompt, negative_prompt) -> tuple[list[str], list[str]]:
@@ -91,6 +96,9 @@ def check_models(models, needs_encoder: bool) -> None:
     needed = ["clip", "diffusion", "decoder"] + (["encoder"] if needs_encoder else [])
     missing = [name for name in needed if name not in models]
     check(not missing, f"models is missing {missing}; it needs {needed} (from preload_models_from_standard_weights)")
+    for name in needed:
+        check(model_device(models[name]).type != "meta", f"models[{name!r}] is on the meta device: it has no weights "
+              f"(load them with preload_models_from_standard_weights)")
 
 
 def default_size(models, height: int | None, width: int | None) -> tuple[int, int]:
@@ -118,6 +126,13 @@ def check_numbers(cfg_scale, strength, num_images, seed=None, guidance_fn_scale=
           f"guidance_fn_scale must be a finite number, got {guidance_fn_scale!r}")
 
 
+def check_mask_size(input_image: Image.Image, mask_image: Image.Image) -> None:
+    """The mask covers the image as the user sees them: sizes compared the right way up (EXIF orientation)."""
+    (iw, ih), (mw, mh) = oriented_size(input_image), oriented_size(mask_image)
+    check((iw, ih) == (mw, mh), f"mask_image is {mw}x{mh} but input_image is {iw}x{ih} (as shown, EXIF rotation "
+          f"applied); they must be the same size")
+
+
 def check_inputs(models, input_image, mask_image, strength, cfg_scale, height, width, num_images, seed, generator,
                  sampler_name, eta, guidance_fn, guidance_fn_scale, paste_back, output_type, tokenizer=None,
                  resize_mode="stretch", nonfinite="raise") -> None:
@@ -134,9 +149,7 @@ def check_inputs(models, input_image, mask_image, strength, cfg_scale, height, w
         check(input_image is not None, "mask_image needs an input_image: the image whose masked part is repainted")
         if not isinstance(mask_image, Image.Image):
             raise TypeError(f"mask_image must be a PIL.Image.Image, got {type(mask_image).__name__}")
-        check(mask_image.size == input_image.size,
-              f"mask_image is {mask_image.size[0]}x{mask_image.size[1]} but input_image is "
-              f"{input_image.size[0]}x{input_image.size[1]}; they must be the same size")
+        check_mask_size(input_image, mask_image)
     check(not is_inpainting_unet(models["diffusion"]) or mask_image is not None,
           "this checkpoint's UNet is an inpainting model (9 input channels): give input_image and mask_image")
     check(not paste_back or mask_image is not None, "paste_back needs a mask_image")
@@ -205,7 +218,7 @@ def make_generator(seed: int | None, generator: torch.Generator | None) -> torch
         return generator
     generator = torch.Generator()
     if seed is not None:
-        generator.manual_seed(seed)
+        generator.manual_seed(int(seed))  # numpy's integers too
     else:
         generator.seed()
     return generator

@@ -6,6 +6,8 @@ schedule "linear" in ldm, which squares a linspace of square roots: diffusers ca
 Reference: Ho et al. 2020, "Denoising Diffusion Probabilistic Models", eq. (4): q(x_t | x_0) = N(sqrt(ᾱ_t) x_0, (1 - ᾱ_t) I).
 """
 
+import math
+
 import torch
 
 from .checks import is_finite_number, is_int
@@ -49,10 +51,21 @@ def start_step(n_inference_steps: int, strength: float) -> int:
         raise ValueError(f"strength must be a number in (0, 1], got {strength!r}")
     run = min(int(n_inference_steps * strength), n_inference_steps)
     if run < 1:
-        fewest = next(n for n in range(n_inference_steps, n_inference_steps + int(1 / strength) + 2) if int(n * strength))
-        raise ValueError(f"strength {strength} of {n_inference_steps} steps runs int({n_inference_steps} x {strength}) = 0 "
-                         f"steps; give at least {fewest} steps or a strength of at least {1 / n_inference_steps:.3g}")
+        fewest = fewest_steps(strength)
+        more = f"give at least {fewest} steps or " if fewest <= N_TRAINING_STEPS else ""
+        raise ValueError(f"strength {strength} of {n_inference_steps} steps runs int({n_inference_steps} x {strength}) = "
+                         f"0 steps; {more}give a strength of at least {math.ceil(1e4 / n_inference_steps) / 1e4:g}")
     return n_inference_steps - run
+
+
+def fewest_steps(strength: float) -> int:
+    """The smallest n with int(n x strength) >= 1 (N_TRAINING_STEPS + 1 when it is more than that)."""
+    if strength * N_TRAINING_STEPS < 1:
+        return N_TRAINING_STEPS + 1
+    n = max(1, math.floor(1 / strength))
+    while int(n * strength) < 1:  # floating point: 1 / strength may land just below the count that works
+        n += 1
+    return n
 
 
 # --- sigma space (Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based Generative Models") ---

@@ -94,10 +94,15 @@ def test_errors_are_one_line_messages(checkpoint, argv, message, capsys, tmp_pat
     assert message in err and "Traceback" not in err
 
 
-def test_bad_arguments_exit_with_usage(capsys):
-    with pytest.raises(SystemExit) as info:
-        main(["generate", "a cat", "--sampler", "plms"])
-    assert info.value.code == 2 and "invalid choice: 'plms'" in capsys.readouterr().err
+@pytest.mark.parametrize("argv,message", [
+    (["generate", "a cat", "--sampler", "plms"], "argument --sampler: invalid choice: 'plms'"),
+    (["generate", "a cat", "--steps", "abc"], "argument --steps: invalid int value: 'abc' (see sd generate --help)"),
+    (["paint", "a cat"], "argument COMMAND: invalid choice: 'paint'"),
+])
+def test_bad_arguments_are_one_line_with_exit_code_2(capsys, argv, message):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sd: error: ") and message in err and len(err.splitlines()) == 1
 
 
 def test_python_dash_m_sd_runs():
@@ -208,7 +213,8 @@ def test_seed_minus_one_is_random_and_the_seed_used_is_written(checkpoint, tmp_p
     assert len(seeds) == 2 and "-1" not in seeds
 
 
-@pytest.mark.parametrize("prompt", ["a cat\nNegative prompt: nothing", "Negative prompt: x"])
+@pytest.mark.parametrize("prompt", ["a cat\nNegative prompt: nothing", "Negative prompt: x", "a\n Negative prompt: x",
+                                    "a\n\tNegative prompt: x"])
 def test_a_prompt_that_would_forge_the_parameters_is_refused(checkpoint, tmp_path, capsys, prompt):
     argv = generate_args(checkpoint, tmp_path / "x.png")
     argv[1] = prompt
@@ -254,7 +260,7 @@ def test_out_of_memory_is_one_line(checkpoint, tmp_path, capsys, monkeypatch, er
 
     monkeypatch.setattr(sd.pipeline, "generate", oom)
     assert main(generate_args(checkpoint, tmp_path / "x.png", "--num-images", "10000")) == 1
-    assert "sd: error: out of memory: make fewer images (--num-images)" in capsys.readouterr().err
+    assert "sd: error: out of memory: make the work smaller (sd generate: fewer or smaller images" in capsys.readouterr().err
 
 
 def test_nan_weights_stop_with_where_and_warn_goes_on(tmp_path, capsys):
@@ -270,6 +276,40 @@ def test_nan_weights_stop_with_where_and_warn_goes_on(tmp_path, capsys):
     assert not (tmp_path / "x.png").exists()  # a black image with exit code 0, before
     assert main(generate_args(broken, tmp_path / "x.png", "--nonfinite", "warn")) == 0
     assert "sd: warning: the UNet" in capsys.readouterr().err and (tmp_path / "x.png").exists()
+
+
+def test_preview_never_replaces_a_file_it_did_not_make(checkpoint, tmp_path, capsys, no_model_load):
+    (tmp_path / "mine.png").write_text("precious")
+    assert main(generate_args(checkpoint, tmp_path / "x.png", "--preview", str(tmp_path / "mine.png"))) == 1
+    assert "--preview" in capsys.readouterr().err and (tmp_path / "mine.png").read_text() == "precious"
+    assert main(generate_args(checkpoint, tmp_path / "x.png", "--preview", str(tmp_path / "x.png"))) == 1
+    assert "is also the output or an input" in capsys.readouterr().err
+
+
+def test_an_exif_rotated_image_and_its_mask_are_compared_as_shown(checkpoint, tmp_path, capsys):
+    """A phone photo stored 24x16 with orientation 6 is shown 16x24: a 16x24 mask drawn on it fits (it was refused),
+    a 24x16 one does not (it was accepted, and lay across the rotated image)."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (24, 16), "red").save(tmp_path / "photo.jpg", exif=exif)
+    Image.new("L", (16, 24), 255).save(tmp_path / "upright.png")
+    Image.new("L", (24, 16), 255).save(tmp_path / "stored.png")
+    common = ["inpaint", "a cat", "--image", str(tmp_path / "photo.jpg"), "--checkpoint", str(checkpoint),
+              "--steps", "2", "--height", "16", "--width", "16", "--quiet"]
+    assert main([*common, "--mask", str(tmp_path / "upright.png"), "-o", str(tmp_path / "a.png")]) == 0
+    assert main([*common, "--mask", str(tmp_path / "stored.png"), "-o", str(tmp_path / "b.png")]) == 1
+    assert "mask_image is 24x16 but input_image is 16x24 (as shown" in capsys.readouterr().err
+
+
+def test_a_folder_as_image_is_named_as_such(checkpoint, tmp_path, capsys, no_model_load):
+    assert main(["img2img", "a cat", "--image", str(tmp_path), "-o", str(tmp_path / "x.png"),
+                 "--checkpoint", str(checkpoint)]) == 1
+    assert "is a folder; give an image file" in capsys.readouterr().err
+
+
+def test_absurd_image_counts_are_refused_at_once(checkpoint, tmp_path, capsys):
+    assert main(generate_args(checkpoint, tmp_path / "x.png", "--num-images", "100000000")) == 1
+    assert "need at least" in capsys.readouterr().err and list(tmp_path.iterdir()) == []
 
 
 def test_debug_shows_the_traceback(checkpoint, tmp_path):
@@ -293,12 +333,17 @@ def _complete(folder) -> list[str]:
     return names
 
 
-@pytest.mark.parametrize("moment", ["loading", "generating", "first image written", "fifth image written"])
+@pytest.mark.parametrize("moment", ["loading", "generating", "first image written", "fifth image written",
+                                    "SIGTERM: first image written"])
 def test_ctrl_c_at_any_moment_leaves_only_complete_images(checkpoint, tmp_path, moment):
     """SIGINT during the save loop once left an unreadable PNG. The process is interrupted when its stderr shows
-    the moment; exit code 130 (or 0 if it finished first), and the output folder holds only whole images."""
+    the moment; exit code 130 (or 0 if it finished first), and the output folder holds only whole images. SIGTERM
+    (kill, a scheduler's time limit) stops it the same way."""
     import signal
 
+    stop = signal.SIGINT
+    if moment.startswith("SIGTERM: "):
+        stop, moment = signal.SIGTERM, moment[len("SIGTERM: "):]
     out = tmp_path / "out"
     triggers = {"loading": "sd: checkpoint", "generating": "sd: checkpoint", "first image written": "sd: wrote",
                 "fifth image written": "sd: wrote"}
@@ -313,7 +358,7 @@ def test_ctrl_c_at_any_moment_leaves_only_complete_images(checkpoint, tmp_path, 
             if seen == skip:
                 if moment == "generating":
                     __import__("time").sleep(0.3)
-                proc.send_signal(signal.SIGINT)
+                proc.send_signal(stop)
                 break
             seen += 1
     rest = proc.stderr.read()

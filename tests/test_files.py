@@ -30,10 +30,17 @@ def test_the_format_follows_the_extension_with_the_parameters_inside(tmp_path, n
     assert read_parameters(path) == TEXT
 
 
-def test_jpeg_parameters_are_in_exif_usercomment_as_automatic1111_writes_them(tmp_path):
-    path = save_image(picture(), tmp_path / "a.jpg", "ünïcode prompt")
-    comment = Image.open(path).getexif().get_ifd(0x8769)[0x9286]
-    assert comment == b"UNICODE\0" + "ünïcode prompt".encode("utf-16-be")  # piexif.helper.UserComment, "unicode"
+@pytest.mark.parametrize("suffix", [".jpg", ".webp"])
+def test_jpeg_and_webp_parameters_read_back_with_automatic1111s_reader(tmp_path, suffix):
+    """AUTOMATIC1111 reads them with piexif: UserComment must be of type UNDEFINED (Pillow writes bytes as BYTE,
+    which piexif returns as a tuple of ints, and AUTOMATIC1111's reader then fails)."""
+    piexif = pytest.importorskip("piexif")
+    import piexif.helper
+
+    path = save_image(picture(), tmp_path / f"a{suffix}", TEXT + " ünïcode")
+    comment = piexif.load(str(path))["Exif"][piexif.ExifIFD.UserComment]
+    assert comment == b"UNICODE\0" + (TEXT + " ünïcode").encode("utf-16-be")  # UserComment.dump(encoding="unicode")
+    assert piexif.helper.UserComment.load(comment) == TEXT + " ünïcode"
 
 
 @pytest.mark.parametrize("name", ["a.gif", "a.bmp", "a", "a.png.txt"])
@@ -85,10 +92,34 @@ def test_a_reader_sees_the_old_file_until_the_new_one_is_whole(tmp_path):
 
 
 def test_written_files_get_the_usual_permissions(tmp_path):
-    path = save_image(picture(), tmp_path / "a.png")
     mask = os.umask(0)
     os.umask(mask)
+    path = save_image(picture(), tmp_path / "a.png")
     assert path.stat().st_mode & 0o777 == 0o666 & ~mask  # not mkstemp's private 0600
+    with atomic_output(tmp_path / "model.bin") as tmp:  # a writer that renames its own private file over ours,
+        private = tmp_path / "private"                  # as safetensors' save_file does
+        private.write_bytes(b"weights")
+        private.chmod(0o600)
+        os.replace(private, tmp)
+    assert (tmp_path / "model.bin").stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_a_broken_symlink_is_a_taken_name(tmp_path):
+    """free_path once took it for free and the no-clobber link then failed on it, forever."""
+    (tmp_path / "out.png").symlink_to(tmp_path / "nowhere")
+    assert save_image(picture(), tmp_path / "out.png").name == "out-1.png"
+    assert (tmp_path / "out.png").is_symlink()
+
+
+def test_the_longest_legal_name_can_be_written(tmp_path):
+    name = "a" * 251 + ".png"  # 255 characters: the temporary name beside it must not be longer
+    assert save_image(picture(), tmp_path / name).name == name and leftovers(tmp_path) == []
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc (a folder no one may write to)")
+def test_a_folder_that_cannot_be_written_is_refused_before_any_work():
+    with pytest.raises(OutputError, match="cannot write /proc/self/x.png: "):
+        check_image_output("/proc/self/x.png")
 
 
 def _save_many(folder: str, value: int, n: int) -> list[str]:

@@ -182,3 +182,41 @@ def test_a_stretch_that_changes_the_shape_is_reported_and_crop_keeps_it():
         warnings.simplefilter("error")
         cropped = image_to_tensor(Image.fromarray(wide), W, H, resize_mode="crop")
     assert cropped.mean() > 0.9  # the centre W x H of the wide image: all white
+
+
+def test_numpy_numbers_are_numbers(models):
+    """np.float32(7.5) was refused as "not a finite number"; numpy's scalars are what array code hands over."""
+    image = run(models, cfg_scale=np.float32(7.5), n_inference_steps=np.int64(STEPS), seed=np.int64(0),
+                height=np.int64(H), width=np.int64(W))
+    np.testing.assert_array_equal(image, run(models))
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(prompt="a \udcff cat"), r"prompt is not valid text \(UTF-8\)"),  # bytes a shell passed that are not UTF-8
+    (dict(negative_prompt=["\ud800"]), r"negative_prompt is not valid text"),
+    (dict(input_image=Image.new("RGB", (W, H)), strength=1e-15), "0 steps; give a strength of at least 0.3334"),
+    (dict(input_image=Image.new("RGB", (W, H)), strength=5e-324), "give a strength of at least"),
+])
+def test_more_bad_input_is_one_clear_error(models, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        run(models, **kwargs)
+
+
+def test_a_model_on_the_meta_device_is_refused(models):
+    empty = dict(models, clip=copy.deepcopy(models["clip"]).to("meta"))
+    with pytest.raises(ValueError, match=r"models\['clip'\] is on the meta device: it has no weights"):
+        run(empty)
+
+
+def test_nonfinite_warn_gives_one_warning_not_numpys_too(models):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run(poisoned(models, "decoder"), nonfinite="warn")
+    assert [str(w.message)[:24] for w in caught] == ["the VAE decoder (models["]  # no "invalid value ... cast"
+
+
+def test_absurd_config_sizes_are_refused_before_any_memory_is_asked_for():
+    from sd.diffusion import DiffusionConfig
+
+    with pytest.raises(ValueError, match="DiffusionConfig.model_channels must be a positive integer up to 1048576"):
+        DiffusionConfig(model_channels=10**12)
