@@ -165,7 +165,8 @@ def plan_conversion(checkpoint: Mapping, models: Mapping[str, nn.Module], use_em
     problems = [("missing keys", sorted(missing)), ("unexpected keys", sorted(keys - known)),
                 ("shape mismatches", mismatched)]
     if any(items for _, items in problems):
-        raise ConversionError("\n".join([f"checkpoint does not match the models ({', '.join(plans)})"]
+        where = f"{checkpoint.path}: " if hasattr(checkpoint, "path") else ""  # a Checkpoint names its file
+        raise ConversionError("\n".join([f"{where}checkpoint does not match the models ({', '.join(plans)})"]
                                         + [_summarise(title, items) for title, items in problems if items]))
     return plans
 
