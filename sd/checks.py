@@ -3,6 +3,7 @@
 No tutorial counterpart. Errors speak to the user: what was wrong and what is accepted (STYLE.md, habit 8).
 """
 
+import argparse
 import dataclasses
 import math
 import numbers
@@ -62,6 +63,14 @@ def check_config_fields(cfg) -> None:
 
 class UsageError(ValueError):
     """A command line argparse refuses (an unknown option, a value of the wrong type): exit code 2, as argparse's."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that raises a UsageError (one line from the `sd` command's error boundary, exit code 2) where it would
+    print its usage and exit. For `sd` and `sd train` alike."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see {self.prog} --help)")
 
 
 class NonFiniteError(RuntimeError):

@@ -17,7 +17,7 @@ import threading
 import warnings
 from pathlib import Path
 
-from .checks import NonFiniteError, UsageError
+from .checks import ArgumentParser, NonFiniteError, UsageError
 from .files import check_image_output, is_disk_full, save_image
 from .images import RESIZE_MODES
 from .pipeline import NONFINITE
@@ -135,14 +135,6 @@ def _add_image_args(p: argparse.ArgumentParser, strength: float) -> None:
     p.add_argument("--strength", type=float, default=strength, help="how much of the image to replace, in (0, 1]")
     p.add_argument("--resize-mode", default="stretch", choices=RESIZE_MODES,
                    help="an image of another shape than the output: stretch it (default, with a warning) or crop it")
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse that raises a UsageError (one line from the error boundary, exit code 2) where it would print its
-    usage and exit."""
-
-    def error(self, message: str):
-        raise UsageError(f"{message} (see {self.prog} --help)")
 
 
 def build_parser() -> argparse.ArgumentParser:

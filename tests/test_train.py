@@ -18,10 +18,12 @@ from safetensors.torch import load_file
 import sd.training.command
 import sd.training.train
 from reference import tiny_configs
+from sd.checks import NonFiniteError
+from sd.devices import best_device
 from sd.model_loader import build_models, preload_models_from_standard_weights
 from sd.training.train import (TrainConfig, TrainingInterrupted, VAETrainConfig, checkpoint_path, deferred_sigint,
                                export, load_ema, train_diffusion, train_vae)
-from sd.training.command import main
+from sd.training.command import build_parser, main, make_plan
 
 COLOURS = {"red": (1.0, -1.0, -1.0), "green": (-1.0, 1.0, -1.0), "blue": (-1.0, -1.0, 1.0), "white": (1.0, 1.0, 1.0)}
 
@@ -247,7 +249,8 @@ def test_main_same_seed_same_weights_other_seed_other_weights(tmp_path):
     (["--size", "30"], ValueError, r"--size must be a multiple of 4 \(the VAE's downscale\) of at least 16 pixels"
                                    r", got 30"),
     (["--size", "8"], ValueError, "--size must be a multiple of 4"),
-    (["--seed", "-1"], ValueError, "--seed must be an integer >= 0"),
+    (["--seed", "-1"], ValueError, r"--seed must be an integer from 0 to 2\*\*64 - 1, got -1"),
+    (["--seed", str(2**64)], ValueError, r"--seed must be an integer from 0 to 2\*\*64 - 1, got 18446744073709551616"),
     (["--sample-every", "-5"], ValueError, "--sample-every must be an integer >= 0"),
     (["--steps", "many"], ValueError, "argument --steps: invalid int value: 'many'"),
     (["--mixed-precision", "fp16", "--device", "cpu"], ValueError, "--mixed-precision fp16 needs a CUDA device"),
@@ -257,6 +260,10 @@ def test_main_same_seed_same_weights_other_seed_other_weights(tmp_path):
     (["--export", "afile/model.safetensors"], ValueError, "--export: .* is a file, not a folder"),
     (["--resume", "missing.safetensors"], FileNotFoundError, "--resume missing.safetensors: no such file"),
     (["--resume", "run/diffusion/afile"], ValueError, "is not a readable .safetensors checkpoint"),
+    (["--resume", "run/model.safetensors"], ValueError, (
+        r"--resume run/model.safetensors is not in run/diffusion: --resume must be a checkpoint in OUT/diffusion "
+        r"\(e.g. run/diffusion/checkpoint-500.safetensors\), not an exported model: a diffusion checkpoint goes on "
+        r"only with the VAE of its own run$")),
     (["--config", "missing.json"], FileNotFoundError, "--config missing.json: no such file"),
     (["--config", "bad.json"], ValueError, "--config bad.json is not a JSON of model configs"),
     (["--config", "mismatch.json"], ValueError, "--config: diffusion d_context=32 must equal clip d_model"),
@@ -268,6 +275,7 @@ def test_main_checks_every_argument_before_any_work(tmp_path, monkeypatch, extra
     Path("afile").write_text("not a folder")
     Path("run/diffusion").mkdir(parents=True)
     Path("run/diffusion/afile").write_text("not a checkpoint")
+    Path("run/model.safetensors").write_text("an export, not a checkpoint")
     Path("bad.json").write_text("{not json")
     Path("mismatch.json").write_text(json.dumps({"diffusion": tiny_configs()["diffusion"].__dict__}))
 
@@ -282,7 +290,9 @@ def test_main_checks_every_argument_before_any_work(tmp_path, monkeypatch, extra
 def test_resume_is_refused_into_another_run(tmp_path):
     main(tiny_args(tmp_path / "a"))
     checkpoint = str(checkpoint_path(tmp_path / "a" / "diffusion", 2))
-    with pytest.raises(ValueError, match="is not in .*b/diffusion: a diffusion checkpoint goes on only with the VAE"):
+    with pytest.raises(ValueError, match=r"is not in .*b/diffusion: --resume must be a checkpoint in OUT/diffusion "
+                                         r".* goes on only with the VAE of its own run; .* belongs to the run in "
+                                         r"--out .*a$"):
         main(tiny_args(tmp_path / "b", "--resume", checkpoint, steps=4))
     with pytest.raises(ValueError, match=r"--resume: .* another run \(image_size: \[16, 16\] in the checkpoint, "
                                          r"\[20, 20\] now; models.diffusion.sample_size: 8 in the checkpoint, 10"):
@@ -294,6 +304,29 @@ def test_resume_is_refused_into_another_run(tmp_path):
     with pytest.raises(ValueError, match=r"--out: the VAE stage would go on from .*vae/checkpoint-2.safetensors "
                                          r"was written by another run \(image_size"):
         main(tiny_args(tmp_path / "a", "--size", "20", steps=4))
+
+
+def test_main_replaces_no_file_without_overwrite(tmp_path):
+    main(tiny_args(tmp_path / "a"))
+    before = all_tensors(tmp_path / "a")
+    latest = checkpoint_path(tmp_path / "a" / "diffusion", 2)
+    with pytest.raises(ValueError, match=f"^{tmp_path / 'a' / 'diffusion'} already holds checkpoints of a run: go on "
+                                         f"with --resume {latest}, use another --out, or --overwrite to start again$"):
+        main(tiny_args(tmp_path / "a", "--export", str(tmp_path / "other.safetensors")))
+    export = tmp_path / "a" / "model.safetensors"
+    with pytest.raises(ValueError, match=f"^--export {export} already exists: give another --export, or "
+                                         f"--overwrite to replace it$"):
+        main(tiny_args(tmp_path / "b", "--export", str(export)))
+    assert not (tmp_path / "b").exists() and not (tmp_path / "other.safetensors").exists()  # refused before any work
+    after = all_tensors(tmp_path / "a")
+    assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    main(tiny_args(tmp_path / "a", "--overwrite"))  # starts again, as before --overwrite was an option
+    assert all(torch.equal(before[k], v) for k, v in all_tensors(tmp_path / "a").items())  # the same seed
+
+
+def test_main_resolves_device_auto_once(tmp_path):
+    plan = make_plan(build_parser().parse_args(tiny_args(tmp_path / "run", "--device", "auto")))
+    assert plan.device == plan.cfg.device == plan.vae_cfg.device == str(best_device())
 
 
 def test_resume_is_refused_with_another_frozen_vae_or_config(tmp_path):
@@ -308,6 +341,68 @@ def test_resume_is_refused_with_another_frozen_vae_or_config(tmp_path):
     with pytest.raises(ValueError, match="models.diffusion.sample_size: 8 in the checkpoint, 4 now"):
         train_diffusion(other_config, Squares(), quick(steps=4), tmp_path, progress=False,
                         resume_from=checkpoint_path(tmp_path, 2))
+
+
+# --- a diverging run: stopped, and nothing non-finite saved ---------------------------------------------------------
+
+def assert_all_finite(folder: Path) -> None:
+    for key, value in all_tensors(folder).items():
+        assert value.isfinite().all(), key
+
+
+def test_non_finite_loss_stops_before_the_step(tmp_path):
+    with pytest.raises(NonFiniteError, match=r"^diffusion step \d+: the loss is nan; training stopped before the step "
+                                             r"changed any weight.*try a lower --lr$"):
+        train_diffusion(tiny_models(), Squares(), quick(steps=6, lr=1e30, checkpoint_every=1), tmp_path,
+                        progress=False)
+    assert_all_finite(tmp_path)
+
+
+def test_non_finite_gradient_norm_stops_before_the_step(tmp_path, monkeypatch):
+    real_clip = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *args: real_clip(*args) * float("inf"))
+    models = tiny_models()
+    before = {k: v.clone() for k, v in models["diffusion"].state_dict().items()}
+    with pytest.raises(NonFiniteError, match=r"^diffusion step 0: the gradient norm is inf"):
+        train_diffusion(models, Squares(), quick(steps=2), tmp_path, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in models["diffusion"].state_dict().items())
+    assert not list(tmp_path.iterdir())
+
+
+def test_non_finite_weights_stop_before_the_ema_and_the_checkpoint(tmp_path, monkeypatch):
+    """A finite loss and gradient can still overflow a weight in AdamW's step (a huge lr times the weight decay)."""
+    real_step = torch.optim.AdamW.step
+
+    def overflowing_step(self, *args, **kwargs):
+        result = real_step(self, *args, **kwargs)
+        with torch.no_grad():
+            self.param_groups[0]["params"][0].fill_(float("inf"))
+        return result
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", overflowing_step)
+    with pytest.raises(NonFiniteError, match=r"^diffusion step 0: the step made weights non-finite"):
+        train_diffusion(tiny_models(), Squares(), quick(steps=1), tmp_path, progress=False)
+    assert not list(tmp_path.iterdir())  # no checkpoint was begun
+
+
+@pytest.mark.parametrize("vae_steps", ["0", "3"])
+def test_main_with_a_diverging_lr_stops_and_saves_nothing_non_finite(tmp_path, vae_steps):
+    out = tmp_path / "run"
+    args = tiny_args(out, "--vae-steps", vae_steps, "--lr", "1e30", "--checkpoint-every", "1", "--sample-every", "0",
+                     steps=3)
+    with pytest.raises(NonFiniteError, match=r"^(vae|diffusion) step \d+: .*try a lower --lr$"):
+        main(args)
+    assert not (out / "model.safetensors").exists()
+    assert_all_finite(out)
+
+
+def test_export_refuses_weights_float16_cannot_hold(tmp_path):
+    models = tiny_models()
+    with torch.no_grad():
+        next(models["diffusion"].parameters()).fill_(1e30)  # finite in float32, inf in float16
+    with pytest.raises(NonFiniteError, match=r"cannot export .*: diffusion\.\S+ holds NaN or inf \(in torch.float16\)"):
+        export(models, tmp_path / "model.safetensors", dtype=torch.float16)
+    assert not list(tmp_path.iterdir())
 
 
 # --- Ctrl-C --------------------------------------------------------------------------------------------------------
@@ -372,12 +467,21 @@ def test_ctrl_c_whose_exception_is_lost_still_stops_the_loop(tmp_path, monkeypat
     assert (info.value.step, info.value.checkpoint) == (stopped_after, checkpoint_path(tmp_path, stopped_after))
 
 
-def test_ctrl_c_while_a_checkpoint_is_written_waits_for_it(tmp_path, monkeypatch):
+@pytest.fixture
+def sigterm_as_ctrl_c():
+    """SIGTERM raises KeyboardInterrupt, as the `sd` command makes it while a subcommand runs."""
+    before = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGTERM, before)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_while_a_checkpoint_is_written_waits_for_it(tmp_path, monkeypatch, sigterm_as_ctrl_c, signum):
     written = []
     real_save_file = sd.training.train.save_file
 
     def save_file(tensors, path, metadata=None):
-        signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(signum)
         real_save_file(tensors, path, metadata=metadata)
         written.append(path)
 
@@ -439,3 +543,16 @@ def test_deferred_sigint_delivers_after_the_block_and_restores_the_handler():
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, before)
+
+
+def test_deferred_sigint_holds_back_sigterm_too(sigterm_as_ctrl_c):
+    finished = []
+    with pytest.raises(KeyboardInterrupt):
+        with deferred_sigint():
+            signal.raise_signal(signal.SIGTERM)
+            finished.append("the block")
+    assert finished == ["the block"]
+    assert signal.getsignal(signal.SIGTERM) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with deferred_sigint(deliver=False):
+        signal.raise_signal(signal.SIGTERM)  # dropped

@@ -18,13 +18,14 @@ import torch
 from torch import nn
 
 from ..checkpoint_io import CheckpointError
-from ..checks import check, is_finite_number
+from ..checks import ArgumentParser, check, is_finite_number
 from ..clip import CLIPConfig
 from ..decoder import VAEConfig
 from ..devices import resolve_device
 from ..diffusion import DiffusionConfig
 from ..files import OutputError, check_output_path
 from ..model_loader import build_models, check_configs_fit, configs_from_json
+from ..pipeline import MAX_SEED
 from .datasets import MIN_SIZE, ShapesDataset
 from .train import (
     MIXED_PRECISION, TrainConfig, TrainingInterrupted, VAETrainConfig, check_resumable, checkpoint_path,
@@ -46,15 +47,8 @@ def default_configs() -> dict:
     }
 
 
-class _ArgumentParser(argparse.ArgumentParser):
-    """argparse that raises a ValueError where it would print its usage and exit: `sd` says it in one line."""
-
-    def error(self, message: str):
-        raise ValueError(f"{message} (see sd train --help)")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _ArgumentParser(prog="sd train", description="Train a small text-to-image model on generated shapes: "
+    parser = ArgumentParser(prog="sd train", description="Train a small text-to-image model on generated shapes: "
                              "the VAE first, then the UNet and its text encoder. Ctrl-C saves the last step done.")
     parser.add_argument("--out", type=Path, required=True, help="folder for checkpoints and sample images")
     parser.add_argument("--steps", type=int, default=3000, help="diffusion steps")
@@ -63,15 +57,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--size", type=int, default=32, help="image size in pixels")
-    parser.add_argument("--seed", type=int, default=0, help="seeds everything: initial weights, data, noise")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="0 to 2**64 - 1; seeds everything: initial weights, data, noise")
     parser.add_argument("--config", type=Path,
                         help='JSON of model configs {"clip": {...}, "vae": {...}, "diffusion": {...}}')
     parser.add_argument("--resume", type=Path, help="a diffusion checkpoint of this run (in OUT/diffusion)")
     parser.add_argument("--export", type=Path, help="where to write the final model (default OUT/model.safetensors)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --export, and start again over a run's checkpoints in OUT/diffusion")
     parser.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (0: the last)")
     parser.add_argument("--sample-every", type=int, default=500, help="steps between sample images (0: never)")
     parser.add_argument("--mixed-precision", choices=list(MIXED_PRECISION), default="no")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="'auto' (the best here), 'cpu', 'cuda', 'cuda:N' or 'mps'")
     return parser
 
 
@@ -84,14 +82,16 @@ class Plan:
     dataset: ShapesDataset
     export_path: Path
     vae_resume: Path | None           # the VAE checkpoint the VAE stage goes on from
+    device: str                       # --device resolved: "auto" is the best device here
 
 
 def _check_options(args) -> None:
     for option, value in (("--steps", args.steps), ("--batch-size", args.batch_size)):
         check(value > 0, f"{option} must be a positive integer, got {value}")
-    for option, value in (("--vae-steps", args.vae_steps), ("--seed", args.seed),
-                          ("--checkpoint-every", args.checkpoint_every), ("--sample-every", args.sample_every)):
+    for option, value in (("--vae-steps", args.vae_steps), ("--checkpoint-every", args.checkpoint_every),
+                          ("--sample-every", args.sample_every)):
         check(value >= 0, f"{option} must be an integer >= 0, got {value}")
+    check(0 <= args.seed < MAX_SEED, f"--seed must be an integer from 0 to 2**64 - 1, got {args.seed}")
     check(is_finite_number(args.lr) and args.lr > 0, f"--lr must be a finite number > 0, got {args.lr}")
 
 
@@ -153,18 +153,20 @@ def _check_paths(args) -> Path:
     return export_path
 
 
-def _check_device(args) -> None:
-    """--device as sd.devices resolves it (a device that is not here is refused), and what fp16 needs."""
+def _check_device(args) -> str:
+    """--device as sd.devices resolves it ("auto": the best here; a device that is not here is refused), checked
+    for what fp16 needs; returns it, for the configs and the models."""
     try:
         device = resolve_device(args.device)
     except ValueError as e:
         raise ValueError(f"--device: {e}") from None
     check(args.mixed_precision != "fp16" or device.type == "cuda",
           f"--mixed-precision fp16 needs a CUDA device (--device is {args.device}); use bf16 on a CPU")
+    return str(device)
 
 
-def _stage_configs(args) -> tuple[VAETrainConfig | None, TrainConfig]:
-    common = dict(batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device,
+def _stage_configs(args, device: str) -> tuple[VAETrainConfig | None, TrainConfig]:
+    common = dict(batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=device,
                   mixed_precision=args.mixed_precision, checkpoint_every=args.checkpoint_every)
     vae_cfg = VAETrainConfig(steps=args.vae_steps, **common) if args.vae_steps else None
     cfg = TrainConfig(steps=args.steps, sample_every=args.sample_every, sample_prompts=SAMPLE_PROMPTS, **common)
@@ -174,9 +176,11 @@ def _stage_configs(args) -> tuple[VAETrainConfig | None, TrainConfig]:
 def _check_resume(args, configs: dict, cfg: TrainConfig) -> None:
     """--resume: a checkpoint of this run's diffusion stage, which goes on only with the VAE in its --out."""
     diffusion_dir = args.out / "diffusion"
-    check(args.resume.resolve().parent == diffusion_dir.resolve(), f"--resume {args.resume} is not in "
-          f"{diffusion_dir}: a diffusion checkpoint goes on only with the VAE of its own run, in that run's --out "
-          f"({args.resume.resolve().parent.parent})")
+    folder = args.resume.resolve().parent
+    other_run = f"; {args.resume} belongs to the run in --out {folder.parent}" if folder.name == "diffusion" else ""
+    check(folder == diffusion_dir.resolve(), f"--resume {args.resume} is not in {diffusion_dir}: --resume must be "
+          f"a checkpoint in OUT/diffusion (e.g. {checkpoint_path(diffusion_dir, 500)}), not an exported model: a "
+          f"diffusion checkpoint goes on only with the VAE of its own run{other_run}")
     record = run_record((args.size, args.size), {"diffusion": configs["diffusion"], "clip": configs["clip"]})
     try:
         check_resumable(args.resume, cfg, record)
@@ -206,20 +210,33 @@ def _check_vae_is_done(args, vae_resume: Path | None) -> None:
           f"give the --vae-steps of that run")
 
 
+def _check_nothing_is_replaced(args, export_path: Path) -> None:
+    """Without --overwrite: no existing --export, and no run's diffusion checkpoints in --out unless it goes on
+    from one with --resume (the VAE stage goes on from OUT/vae by itself, replacing nothing)."""
+    if args.overwrite:
+        return
+    check(not export_path.exists(), f"--export {export_path} already exists: give another --export, or "
+          f"--overwrite to replace it")
+    latest = latest_checkpoint(args.out / "diffusion")
+    check(args.resume is not None or latest is None, f"{args.out / 'diffusion'} already holds checkpoints of a run: "
+          f"go on with --resume {latest}, use another --out, or --overwrite to start again")
+
+
 def make_plan(args) -> Plan:
     """Every check of the arguments, made before any model is built or trained."""
     _check_options(args)
     configs = _model_configs(args)
     export_path = _check_paths(args)
-    _check_device(args)
-    vae_cfg, cfg = _stage_configs(args)
+    device = _check_device(args)
+    vae_cfg, cfg = _stage_configs(args, device)
     if args.resume is not None:
         _check_resume(args, configs, cfg)
     vae_resume = _vae_resume(args, configs, vae_cfg)
     if args.resume is not None and vae_cfg:
         _check_vae_is_done(args, vae_resume)
+    _check_nothing_is_replaced(args, export_path)  # last: a run that is not this one's is said first
     dataset = ShapesDataset(100_000, size=args.size, seed=args.seed)
-    return Plan(configs, vae_cfg, cfg, dataset, export_path, vae_resume)
+    return Plan(configs, vae_cfg, cfg, dataset, export_path, vae_resume, device)
 
 
 def build_seeded_models(configs: dict, seed: int, device: str) -> dict[str, nn.Module]:
@@ -260,16 +277,17 @@ def _vae_stage(models: dict, plan: Plan, args) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """`sd train`: raises ValueError / FileNotFoundError for bad arguments, before any work, and KeyboardInterrupt
-    (TrainingInterrupted) on Ctrl-C once the last step done is saved; the `sd` command prints them in one line."""
+    """`sd train`: raises ValueError / FileNotFoundError for bad arguments, before any work, KeyboardInterrupt
+    (TrainingInterrupted) on Ctrl-C once the last step done is saved, and NonFiniteError if training diverges
+    (nothing non-finite is saved or exported); the `sd` command prints them in one line."""
     args = build_parser().parse_args(argv)
     plan = make_plan(args)
-    models = build_seeded_models(plan.configs, args.seed, args.device)
+    models = build_seeded_models(plan.configs, args.seed, plan.device)
     if plan.vae_cfg:
         _vae_stage(models, plan, args)
     with _say_how_to_go_on("diffusion", "with --resume {checkpoint}"):
         train_diffusion(models, plan.dataset, plan.cfg, args.out / "diffusion", resume_from=args.resume)
-    with deferred_sigint():  # the run is done: a Ctrl-C now waits for its file
+    with deferred_sigint():  # the run is done: a Ctrl-C (or SIGTERM) now waits for its file
         final = load_ema(models, checkpoint_path(args.out / "diffusion", args.steps))
         path = export(final, plan.export_path, dtype=torch.float16)  # records its image size: the UNet's sample_size
     print(f"wrote {path}")

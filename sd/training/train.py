@@ -14,7 +14,9 @@ mixed_precision="bf16", batch_size=4, grad_accum=8, lr=1e-5, train_text_encoder=
 `export(load_ema(models, checkpoint_path(out_dir, cfg.steps)), "fine-tuned.safetensors", dtype=torch.float16)`.
 
 Ctrl-C: the step being computed is dropped, the last completed one is checkpointed, and TrainingInterrupted (a
-KeyboardInterrupt) says where; a Ctrl-C while a step is applied or a file is written waits until it is done.
+KeyboardInterrupt) says where; a Ctrl-C while a step is applied or a file is written waits until it is done, and so
+does a SIGTERM (`kill`). A NaN or inf loss, gradient norm or weight stops training with NonFiniteError, before
+anything non-finite reaches the EMA weights or a file.
 A checkpoint records its run (image size, model configs, digests of the frozen models) and resumes only that run.
 """
 
@@ -23,6 +25,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import signal
 import threading
@@ -39,7 +42,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..checks import is_finite_number, is_int, is_number
+from ..checks import NonFiniteError, is_finite_number, is_int, is_number
 from ..ddpm import DDPMSampler
 from ..decoder import VAE_Decoder
 from ..encoder import VAE_Encoder
@@ -163,53 +166,66 @@ class TrainingInterrupted(KeyboardInterrupt):
         self.step, self.steps, self.checkpoint = step, steps, checkpoint
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C, and `kill` (which the `sd` command turns into a Ctrl-C)
+
+
+def _handlers_to_replace(signals: Sequence[int], accept: Callable) -> dict[int, object]:
+    """{signal: its handler now} for those whose handler `accept`s being replaced; none outside the main thread
+    (only it may set handlers)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    handlers = {signum: signal.getsignal(signum) for signum in signals}
+    return {signum: handler for signum, handler in handlers.items() if accept(handler)}
+
+
 @contextlib.contextmanager
-def deferred_sigint(deliver: bool = True) -> Iterator[None]:
-    """Hold back Ctrl-C (SIGINT) while the block runs, so that a file being written or a step being applied is
-    finished; then hand it to the handler that was there before (Python's raises KeyboardInterrupt), or drop it if
-    not deliver. Only the main thread may set handlers: in another thread, or under a handler set outside Python,
-    the block runs as it is."""
-    previous = signal.getsignal(signal.SIGINT)
-    if threading.current_thread() is not threading.main_thread() or previous is None:
-        yield
-        return
-    received = []
-    signal.signal(signal.SIGINT, lambda signum, frame: received.append(frame))
+def deferred_sigint(deliver: bool = True, signals: Sequence[int] = STOP_SIGNALS) -> Iterator[None]:
+    """Hold back Ctrl-C (SIGINT) and `kill` (SIGTERM) while the block runs, so that a file being written or a step
+    being applied is finished; then hand each signal that came to the handler that was there before (Python's
+    SIGINT one raises KeyboardInterrupt, SIGTERM's default ends the process), or drop them if not deliver. Only the
+    main thread may set handlers: in another thread the block runs as it is, and so does a signal whose handler
+    was set outside Python."""
+    previous = _handlers_to_replace(signals, lambda handler: handler is not None)
+    received = {}  # signal -> the frame of its first arrival, in the order they came
+    for signum in previous:
+        signal.signal(signum, lambda signum, frame: received.setdefault(signum, frame))
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
-    if received and deliver:
-        _deliver_sigint(previous, received[0])
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if deliver:
+        for signum, frame in received.items():
+            _deliver_signal(previous[signum], signum, frame)
 
 
 @contextlib.contextmanager
-def _remembered_sigint() -> Iterator[list]:
-    """While the block runs, Ctrl-C raises KeyboardInterrupt as usual and is also noted in the list yielded: one
-    whose exception is lost (Python drops it when it lands in a finalizer, an extension may turn it into another
-    error) still stops the training loop. Only in the main thread, under Python's own handler."""
-    previous = signal.getsignal(signal.SIGINT)
-    if threading.current_thread() is not threading.main_thread() or previous is not signal.default_int_handler:
-        yield []
-        return
+def _remembered_sigint(signals: Sequence[int] = STOP_SIGNALS) -> Iterator[list]:
+    """While the block runs, Ctrl-C (and SIGTERM, where the `sd` command makes it one) raises KeyboardInterrupt as
+    usual and is also noted in the list yielded: one whose exception is lost (Python drops it when it lands in a
+    finalizer, an extension may turn it into another error) still stops the training loop. Only in the main
+    thread, for the signals under Python's own SIGINT handler (signal.default_int_handler)."""
+    previous = _handlers_to_replace(signals, lambda handler: handler is signal.default_int_handler)
     received = []
 
     def note_and_raise(signum, frame):
         received.append(frame)
-        previous(signum, frame)
+        previous[signum](signum, frame)
 
-    signal.signal(signal.SIGINT, note_and_raise)
+    for signum in previous:
+        signal.signal(signum, note_and_raise)
     try:
         yield received
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
-def _deliver_sigint(handler, frame) -> None:
+def _deliver_signal(handler, signum: int, frame) -> None:
     if callable(handler):
-        handler(signal.SIGINT, frame)
+        handler(signum, frame)
     elif handler == signal.SIG_DFL:
-        signal.raise_signal(signal.SIGINT)  # the default action (the process ends), as it would have been
+        signal.raise_signal(signum)  # the default action (for SIGINT and SIGTERM, the process ends), as it would
     # SIG_IGN: ignored, as it would have been
 
 
@@ -364,7 +380,17 @@ def export(models: dict[str, nn.Module], path: str | os.PathLike, dtype: torch.d
     dtype=torch.float16 halves the file, and preload_models_from_standard_weights converts back on loading."""
     if dtype is not None:
         models = {name: copy.deepcopy(model).to(dtype) for name, model in models.items()}
+    _check_exportable(models, path)
     return save_standard_weights(models, path, metadata=metadata)
+
+
+def _check_exportable(models: dict[str, nn.Module], path) -> None:
+    """NonFiniteError, before the file is written, if a weight is NaN or inf (in float16, beyond +-65504)."""
+    for name, model in models.items():
+        for key, value in model.state_dict().items():
+            if value.is_floating_point() and not value.isfinite().all():
+                raise NonFiniteError(f"cannot export {path}: {name}.{key} holds NaN or inf (in {value.dtype}); "
+                                     f"nothing was written. Train with a lower --lr, or export in float32")
 
 
 @torch.no_grad()
@@ -430,16 +456,40 @@ def _gradients(run: _Run, draw: Callable, loss_fn: Callable, cfg: TrainConfig, s
     return step_loss
 
 
-def _update(run: _Run, cfg: TrainConfig, step: int) -> None:
-    """AdamW's step with the accumulated gradients, then the EMA update: step `step` is done."""
+def _non_finite(stage: str, step: int, what: str) -> NonFiniteError:
+    return NonFiniteError(f"{stage} step {step}: {what}; training stopped before the step changed any weight, and "
+                          f"nothing non-finite was saved. The learning rate is likely too high: try a lower --lr")
+
+
+def _clip_gradients(run: _Run, cfg: TrainConfig, stage: str, step: int) -> None:
+    """Unscale the gradients and clip their global norm to grad_clip (0: not clipped, but still measured); a
+    non-finite norm stops training before the step. Under fp16 an inf or NaN gradient is the GradScaler's scale
+    being too high: it skips that step and lowers its scale itself, so that one goes on."""
+    run.scaler.unscale_(run.optimizer)  # clip the true gradients, not the fp16-scaled ones (a no-op without fp16)
+    norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.grad_clip or math.inf)  # max inf: multiplies by 1.0
+    if not run.scaler.is_enabled() and not torch.isfinite(norm):
+        raise _non_finite(stage, step, f"the gradient norm is {norm.item()}")
+
+
+def _check_weights_finite(run: _Run, stage: str, step: int) -> None:
+    """After AdamW's step, before the EMA and any checkpoint take the weights: a finite loss and gradient can
+    still overflow a weight (a huge learning rate times the weight decay)."""
+    if not torch.stack([p.isfinite().all() for p in run.params]).all():
+        raise NonFiniteError(f"{stage} step {step}: the step made weights non-finite; training stopped before the "
+                             f"EMA weights or a checkpoint took them. The learning rate is likely too high: try a "
+                             f"lower --lr")
+
+
+def _update(run: _Run, cfg: TrainConfig, stage: str, step: int) -> None:
+    """AdamW's step with the accumulated gradients, then the EMA update: step `step` is done. NonFiniteError
+    (before the EMA changes) if the gradients or the new weights are not finite."""
     for group in run.optimizer.param_groups:
         group["lr"] = learning_rate(step, cfg)
-    if cfg.grad_clip:
-        run.scaler.unscale_(run.optimizer)  # clip the true gradients, not the fp16-scaled ones
-        torch.nn.utils.clip_grad_norm_(run.params, cfg.grad_clip)
+    _clip_gradients(run, cfg, stage, step)
     run.scaler.step(run.optimizer)
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
+    _check_weights_finite(run, stage, step)
     with torch.no_grad():
         decay = ema_decay(step, cfg.ema_decay)
         for name, model in run.trained.items():  # ema <- decay * ema + (1 - decay) * weights
@@ -474,13 +524,15 @@ def _interrupted(run: _Run, out_dir, cfg: TrainConfig, record: dict | None) -> T
     return TrainingInterrupted(run.done, cfg.steps, run.checkpoint if run.checkpoint_step == run.done else None)
 
 
-def _step(run: _Run, draw: Callable, loss_fn: Callable, cfg: TrainConfig, step: int, out_dir,
+def _step(run: _Run, draw: Callable, loss_fn: Callable, cfg: TrainConfig, stage: str, step: int, out_dir,
           record: dict | None) -> float:
     """One step: its gradients (a Ctrl-C there drops the step), then its update and checkpoint, done whole (a
-    Ctrl-C there stops after them). Returns the step's loss."""
+    Ctrl-C there stops after them). Returns the step's loss; NonFiniteError before the update if it is not finite."""
     loss = _gradients(run, draw, loss_fn, cfg, step)
+    if not math.isfinite(loss):
+        raise _non_finite(stage, step, f"the loss is {loss}")
     with deferred_sigint():
-        _update(run, cfg, step)
+        _update(run, cfg, stage, step)
         if _due(run.done, cfg.checkpoint_every, cfg.steps):
             _save(run, out_dir, cfg, record)
     return loss
@@ -492,7 +544,9 @@ def _fit(trained: dict[str, nn.Module], draw: Callable, loss_fn: Callable, cfg: 
     """The loop both objectives share. draw(generator, n) returns everything random in one step for n samples
     (a tuple of batch-indexable items); loss_fn takes one micro-batch of them. Returns each step's loss.
     record (run_record) goes into every checkpoint, and a resumed checkpoint must have the same.
-    Ctrl-C: raises TrainingInterrupted once the last completed step is checkpointed (see _interrupted)."""
+    Ctrl-C (or SIGTERM): raises TrainingInterrupted once the last completed step is checkpointed (see
+    _interrupted). A non-finite loss, gradient norm or weight: NonFiniteError naming the stage (desc) and step,
+    before the EMA or a checkpoint takes it."""
     run = _start(trained, cfg, resume_from, record)
     losses = []
     bar = tqdm(range(run.done, cfg.steps), initial=run.done, total=cfg.steps, desc=desc, disable=not progress)
@@ -501,7 +555,7 @@ def _fit(trained: dict[str, nn.Module], draw: Callable, loss_fn: Callable, cfg: 
             for step in bar:
                 if sigints:
                     raise KeyboardInterrupt  # a Ctrl-C whose exception was lost on its way
-                losses.append(_step(run, draw, loss_fn, cfg, step, out_dir, record))
+                losses.append(_step(run, draw, loss_fn, cfg, desc, step, out_dir, record))
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")
                 if on_sample and cfg.sample_every and _due(run.done, cfg.sample_every, cfg.steps):
                     on_sample(run.ema, run.done)
