@@ -363,7 +363,7 @@ def test_non_finite_gradient_norm_stops_before_the_step(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *args: real_clip(*args) * float("inf"))
     models = tiny_models()
     before = {k: v.clone() for k, v in models["diffusion"].state_dict().items()}
-    with pytest.raises(NonFiniteError, match=r"^diffusion step 0: the gradient norm is inf"):
+    with pytest.raises(NonFiniteError, match=r"^diffusion step 1: the gradient norm is inf"):
         train_diffusion(models, Squares(), quick(steps=2), tmp_path, progress=False)
     assert all(torch.equal(before[k], v) for k, v in models["diffusion"].state_dict().items())
     assert not list(tmp_path.iterdir())
@@ -380,7 +380,7 @@ def test_non_finite_weights_stop_before_the_ema_and_the_checkpoint(tmp_path, mon
         return result
 
     monkeypatch.setattr(torch.optim.AdamW, "step", overflowing_step)
-    with pytest.raises(NonFiniteError, match=r"^diffusion step 0: the step made weights non-finite"):
+    with pytest.raises(NonFiniteError, match=r"^diffusion step 1: the step made weights non-finite"):
         train_diffusion(tiny_models(), Squares(), quick(steps=1), tmp_path, progress=False)
     assert not list(tmp_path.iterdir())  # no checkpoint was begun
 

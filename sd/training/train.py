@@ -457,7 +457,8 @@ def _gradients(run: _Run, draw: Callable, loss_fn: Callable, cfg: TrainConfig, s
 
 
 def _non_finite(stage: str, step: int, what: str) -> NonFiniteError:
-    return NonFiniteError(f"{stage} step {step}: {what}; training stopped before the step changed any weight, and "
+    """Step `step` counted from 1 in the message, as the progress bar counts."""
+    return NonFiniteError(f"{stage} step {step + 1}: {what}; training stopped before the step changed any weight, and "
                           f"nothing non-finite was saved. The learning rate is likely too high: try a lower --lr")
 
 
@@ -475,7 +476,7 @@ def _check_weights_finite(run: _Run, stage: str, step: int) -> None:
     """After AdamW's step, before the EMA and any checkpoint take the weights: a finite loss and gradient can
     still overflow a weight (a huge learning rate times the weight decay)."""
     if not torch.stack([p.isfinite().all() for p in run.params]).all():
-        raise NonFiniteError(f"{stage} step {step}: the step made weights non-finite; training stopped before the "
+        raise NonFiniteError(f"{stage} step {step + 1}: the step made weights non-finite; training stopped before the "
                              f"EMA weights or a checkpoint took them. The learning rate is likely too high: try a "
                              f"lower --lr")
 
