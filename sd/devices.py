@@ -57,6 +57,16 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def model_dtype(model: torch.nn.Module) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
+def run_in_dtype(model: torch.nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
+    """model(*inputs) in the model's own dtype (float16/bfloat16 weights), the result back in float32."""
+    dtype = model_dtype(model)
+    return model(*(x.to(dtype) for x in inputs)).float()
+
+
 @contextlib.contextmanager
 def restored_on_failure(models: Mapping[str, torch.nn.Module]) -> Iterator[None]:
     """Run a block that moves models; if it fails (Ctrl-C included), move each model back where it was."""

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from .checks import NonFiniteError, check, is_finite_number, is_int
 from .ddpm import NoiseModel
-from .devices import model_device, resolve_device, restored_on_failure
+from .devices import model_device, model_dtype, resolve_device, restored_on_failure, run_in_dtype
 from .images import RESIZE_MODES, image_to_tensor, mask_to_tensor, oriented_size
 from .inspect.attention_maps import AttentionMaps
 from .samplers import make_sampler
@@ -39,6 +39,8 @@ NONFINITE = ("raise", "warn")  # what a NaN/inf in the models' outputs does: sto
 MAX_SEED = 2**64  # torch.Generator.manual_seed takes 0 .. 2**64 - 1
 LARGE_AREA = 16  # warn when an image has more than this many times the area the model was trained at
 VAE_ENCODER = "the VAE encoder (models['encoder']) on input_image"
+STATE_DTYPE = torch.float32  # the latents, the sampler's arithmetic and the noise draws, whatever the models' dtype:
+                             # the same seed gives the same image in every dtype, up to the models' rounding
 DECODER_LIVE_TENSORS = 3  # at full resolution the decoder holds at least an input, a GroupNorm and a conv output
 
 
@@ -272,7 +274,7 @@ def prepare_latents(encoder, sampler, randn: Callable, latent_shape: tuple[int, 
     image_latents = None
     if image is not None:
         if mask is None or not inpainting_unet or strength < 1:
-            image_latents = finite(encoder(image, randn(one)), VAE_ENCODER).expand(latent_shape)
+            image_latents = finite(run_in_dtype(encoder, image, randn(one)), VAE_ENCODER).expand(latent_shape)
     noise = randn(latent_shape)
     if image_latents is None or (mask is not None and strength == 1):
         latents = noise * sampler.init_noise_sigma
@@ -282,7 +284,8 @@ def prepare_latents(encoder, sampler, randn: Callable, latent_shape: tuple[int, 
     if mask is not None:
         latent_mask = F.interpolate(mask, size=latent_shape[2:]).expand(latent_shape[0], -1, -1, -1)  # (B, 1, h, w)
         if inpainting_unet:
-            masked_image_latents = finite(encoder(image * (mask < 0.5), randn(one)), VAE_ENCODER).expand(latent_shape)
+            masked = run_in_dtype(encoder, image * (mask < 0.5), randn(one))
+            masked_image_latents = finite(masked, VAE_ENCODER).expand(latent_shape)
             start.unet_extra = torch.cat([latent_mask, masked_image_latents], dim=1)
         else:
             randn(one)  # diffusers encodes the masked image here; keep its random draws in step
@@ -298,8 +301,8 @@ def make_noise_model(diffusion, context: torch.Tensor, do_cfg: bool, cfg_scale: 
     """ε̂(x, t): the UNet on the prompts' context, with classifier-free guidance; the 9-channel inpainting UNet gets
     the mask and masked-image latents appended to its input."""
 
-    def unet(x_in: torch.Tensor, t) -> torch.Tensor:
-        return finite(diffusion(x_in, context, t), lambda: f"the UNet (models['diffusion']) at timestep {float(t):g}, "
+    def unet(x_in: torch.Tensor, t) -> torch.Tensor:  # in the UNet's dtype; the sampler gets float32
+        return finite(diffusion(x_in.to(context.dtype), context, t).float(), lambda: f"the UNet (models['diffusion']) at timestep {float(t):g}, "
                       f"on latents as large as {x_in.abs().max().item():.3g},")
 
     def noise_model(x: torch.Tensor, t) -> torch.Tensor:
@@ -324,7 +327,7 @@ def with_guidance_fn(noise_model: NoiseModel, decoder, loss_fn: Callable, scale:
         with torch.inference_mode(False), torch.enable_grad():
             x_t = x.clone().requires_grad_()  # a clone is an ordinary tensor that autograd may use
             pred_original = (x_t - (1 - alpha_bar) ** 0.5 * eps.clone()) / alpha_bar**0.5
-            loss = loss_fn((decoder(pred_original).float() + 1) / 2)
+            loss = loss_fn((run_in_dtype(decoder, pred_original) + 1) / 2)
             if not isinstance(loss, torch.Tensor) or loss.shape not in ((), (1,), (x.shape[0],)):
                 got = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
                 raise ValueError(f"guidance_fn must return a loss tensor of shape () or ({x.shape[0]},), got {got}")
@@ -363,8 +366,8 @@ def denoise(sampler, start: Start, noise_model: NoiseModel, callback: Callable |
 def decode(decoder, latents: torch.Tensor, image: torch.Tensor | None = None, mask: torch.Tensor | None = None,
            finite: FiniteCheck = FiniteCheck()):
     """(B, 3, H, W) in about [-1, 1]. With image and mask (paste_back): outside the mask, the input image exactly as
-    it went into the encoder (in the decoder's dtype)."""
-    images = finite(decoder(latents), "the VAE decoder (models['decoder'])")
+    it went into the encoder. float32, whatever the decoder's dtype."""
+    images = finite(run_in_dtype(decoder, latents), "the VAE decoder (models['decoder'])")
     if mask is not None:
         images = mask * images + (1 - mask) * image.to(images.dtype)
     return images
@@ -445,11 +448,11 @@ def generate(
     diffusion, decoder = models["diffusion"], models["decoder"]
     device = resolve_device(device, default=model_device(diffusion))
     idle_device = None if idle_device is None else resolve_device(idle_device)
-    dtype = next(diffusion.parameters()).dtype
+    dtype = model_dtype(diffusion)  # the text encoder's output goes into the UNet in this dtype
     prompts = [p for p in prompts for _ in range(num_images)]
     negatives = [n for n in negatives for _ in range(num_images)]
     B = len(prompts)
-    check_size(models, height, width, B, device, dtype)
+    check_size(models, height, width, B, device, model_dtype(decoder))
     generator = make_generator(seed, generator)
     # Cheap, and checks the sampler's name, step count (cut to strength) and options: still before any model runs.
     sampler = make_sampler(sampler_name, generator, n_inference_steps, strength if input_image is not None else None,
@@ -460,13 +463,13 @@ def generate(
     finite = FiniteCheck(nonfinite)
 
     def randn(shape) -> torch.Tensor:
-        return torch.randn(shape, generator=generator, dtype=dtype, device=generator.device).to(device)
+        return torch.randn(shape, generator=generator, dtype=STATE_DTYPE, device=generator.device).to(device)
 
     image = mask = None
     if input_image is not None:
-        image = image_to_tensor(input_image, width, height, resize_mode).to(device, dtype)  # (1, 3, H, W)
+        image = image_to_tensor(input_image, width, height, resize_mode).to(device)  # (1, 3, H, W) float32
     if mask_image is not None:
-        mask = mask_to_tensor(mask_image, width, height, resize_mode).to(device, dtype)  # (1, 1, H, W)
+        mask = mask_to_tensor(mask_image, width, height, resize_mode).to(device)  # (1, 1, H, W)
 
     with torch.inference_mode(), restored_on_failure(models):
         with on_device(models["clip"], device, idle_device) as clip:

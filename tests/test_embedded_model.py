@@ -96,3 +96,16 @@ def test_sd_generate_uses_it_by_default(tmp_path):
     params = parse_a1111_parameters(image.text["parameters"])
     assert image.size == (SIZE, SIZE) and params["Model"] == "sd-shapes" and params["Seed"] == "0"
     assert describe(image) == {"shape": "circle", "colour": "red", "background": "blue"}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_draws_the_same_image(models, dtype):
+    """The latents, the sampler's arithmetic and the noise stay float32 whatever the models' dtype, so a seed gives the
+    fp32 image up to the models' rounding: within 2/255 mean per pixel (measured over 16 images: bf16 0.39 with
+    dpmpp_2m_karras, 0.57 with euler_a; fp16 about 0.05)."""
+    half = preload_models_from_standard_weights(EMBEDDED_CHECKPOINT, dtype=dtype)
+    prompts = [caption(*p) for p in ADHERENCE_PROMPTS[:4]]
+    common = dict(models=None, seed=0, n_inference_steps=STEPS, sampler_name="dpmpp_2m_karras", progress=False)
+    full = generate(prompts, **{**common, "models": models}).astype(np.float64)
+    reduced = generate(prompts, **{**common, "models": half}).astype(np.float64)
+    assert np.abs(full - reduced).mean() <= 2.0

@@ -220,3 +220,16 @@ def test_absurd_config_sizes_are_refused_before_any_memory_is_asked_for():
 
     with pytest.raises(ValueError, match="DiffusionConfig.model_channels must be a positive integer up to 1048576"):
         DiffusionConfig(model_channels=10**12)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_every_mode_runs_in_half_precision_with_a_float32_state(models, dtype):
+    half = {name: copy.deepcopy(model).to(dtype) for name, model in models.items()}
+    start = Image.fromarray(np.full((H, W, 3), 120, np.uint8))
+    mask = Image.fromarray(np.tile(np.array([0] * (W // 2) + [255] * (W // 2), np.uint8), (H, 1)))
+    states = []
+    for kwargs in (dict(), dict(input_image=start, strength=0.7), dict(input_image=start, mask_image=mask),
+                   dict(guidance_fn=lambda images: images.mean())):
+        image = run(half, callback=lambda i, t, latents, x0: states.append((latents.dtype, x0.dtype)), **kwargs)
+        assert image.shape == (H, W, 3) and image.dtype == np.uint8
+    assert set(states) == {(torch.float32, torch.float32)}
