@@ -31,7 +31,7 @@ A1111_SAMPLERS = {
     "ddpm": "DDPM", "ddim": "DDIM", "euler": "Euler", "euler_karras": "Euler Karras", "euler_a": "Euler a",
     "heun": "Heun", "lms": "LMS", "dpmpp_2m": "DPM++ 2M", "dpmpp_2m_karras": "DPM++ 2M Karras",
 }
-DTYPES = ("float32", "float16", "bfloat16")
+DTYPES = ("float32", "float16", "bfloat16", "auto")  # auto: sd.devices.fast_dtype, and sd says what it chose
 NEGATIVE_PREFIX = "Negative prompt: "
 PARAMETER = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')  # AUTOMATIC1111's re_param_code
 RANDOM_SEED = -1  # AUTOMATIC1111's "random": a seed is drawn and written in the PNG
@@ -120,7 +120,9 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", type=Path, default=None,
                    help="SD 1.x .safetensors/.ckpt (default: the embedded model, weights/sd-shapes.safetensors)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default)")
-    p.add_argument("--dtype", default="float32", choices=DTYPES)
+    p.add_argument("--dtype", default="float32", choices=DTYPES,
+                   help="the models' dtype (default float32); auto: bfloat16 on a CPU with native bf16 (AMX, "
+                        "AVX-512-BF16), float16 on a GPU, else float32")
     p.add_argument("--nonfinite", default="raise", choices=NONFINITE,
                    help="NaN/inf in a model's output: stop and say where (default), or warn and go on (to debug)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -227,7 +229,7 @@ def steps_run(args: argparse.Namespace, image) -> int:
 def run_generation(args: argparse.Namespace) -> list[Path]:
     import torch
 
-    from .devices import resolve_device
+    from .devices import fast_dtype, resolve_device
     from .model_loader import preload_models_from_standard_weights
     from .pipeline import check_mask_size, check_numbers, default_size, generate
 
@@ -245,10 +247,12 @@ def run_generation(args: argparse.Namespace) -> list[Path]:
         check_mask_size(image, mask)
     run = steps_run(args, image)
     device = resolve_device(args.device)
+    dtype = fast_dtype(device) if args.dtype == "auto" else getattr(torch, args.dtype)
     label = "embedded model" if args.checkpoint is None else "checkpoint"
-    print(f"sd: {label} {checkpoint} on {device}, {args.sampler} {run} steps, seed {seed}", file=sys.stderr)
+    print(f"sd: {label} {checkpoint} on {device} in {str(dtype).removeprefix('torch.')}, {args.sampler} {run} steps, "
+          f"seed {seed}", file=sys.stderr)
 
-    models = preload_models_from_standard_weights(checkpoint, device=device, dtype=getattr(torch, args.dtype))
+    models = preload_models_from_standard_weights(checkpoint, device=device, dtype=dtype)
     height, width = default_size(models, args.height, args.width)  # the model's training size unless given
     show = _preview_writer(models, args.preview, width, height) if args.preview else None
     images = generate(args.prompt, negative_prompt=args.negative_prompt, input_image=image, mask_image=mask,

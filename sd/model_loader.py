@@ -17,6 +17,7 @@ from .checkpoint_io import CKPT_TENSORS_KEY, Checkpoint, CheckpointError, open_c
 from .checks import check
 from .clip import CLIP, CLIPConfig
 from .decoder import VAE_Decoder, VAEConfig
+from .devices import fast_dtype
 from .diffusion import Diffusion, DiffusionConfig
 from .encoder import VAE_Encoder
 from .files import atomic_output
@@ -182,13 +183,17 @@ def checkpoint_image_size(ckpt: Checkpoint | str | os.PathLike) -> int:
 
 
 def preload_models_from_standard_weights(ckpt_path: str | os.PathLike, device: torch.device | str = "cpu",
-                                         dtype: torch.dtype = torch.float32, use_ema: bool = True,
+                                         dtype: torch.dtype | str = torch.float32, use_ema: bool = True,
                                          configs: dict | None = None) -> dict[str, nn.Module]:
     """Load {"clip", "encoder", "decoder", "diffusion"} from one SD 1.x checkpoint, in eval mode. ckpt_path:
     .safetensors or .ckpt (with or without the "state_dict" wrapper; v1-5-pruned.ckpt's EMA weights are used when
-    use_ema). dtype: float32, or float16/bfloat16 for half the memory. configs: override those the file implies."""
+    use_ema). dtype: float32 (the default, as the tutorial), float16/bfloat16 for half the memory, or "auto": the
+    fast one for the device (sd.devices.fast_dtype: bf16 on a CPU with native bf16, fp16 on a GPU). configs:
+    override those the file implies."""
+    if isinstance(dtype, str) and dtype == "auto":
+        dtype = fast_dtype(device)
     if dtype not in FLOAT_DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(map(str, FLOAT_DTYPES))}, got {dtype!r}")
+        raise ValueError(f"dtype must be one of {', '.join(map(str, FLOAT_DTYPES))} or 'auto', got {dtype!r}")
     ckpt = open_checkpoint(ckpt_path)
     identify(ckpt)
     configs = {**configs_from_checkpoint(ckpt), **(configs or {})}

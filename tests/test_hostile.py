@@ -233,3 +233,26 @@ def test_every_mode_runs_in_half_precision_with_a_float32_state(models, dtype):
         image = run(half, callback=lambda i, t, latents, x0: states.append((latents.dtype, x0.dtype)), **kwargs)
         assert image.shape == (H, W, 3) and image.dtype == np.uint8
     assert set(states) == {(torch.float32, torch.float32)}
+
+
+@pytest.mark.parametrize("amx,avx512_bf16,device,expected", [
+    (True, False, "cpu", torch.bfloat16), (False, True, "cpu", torch.bfloat16), (False, False, "cpu", torch.float32),
+    (False, False, "cuda", torch.float16), (True, True, "mps", torch.float16),
+])
+def test_dtype_auto_picks_as_documented(monkeypatch, amx, avx512_bf16, device, expected):
+    from sd.devices import fast_dtype
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    assert fast_dtype(device) == expected
+
+
+def test_dtype_auto_loads_in_the_fast_dtype(tmp_path, monkeypatch):
+    from sd.devices import fast_dtype
+    from sd.model_loader import preload_models_from_standard_weights, save_standard_weights
+
+    path = save_standard_weights(random_models(tiny_configs(), seed=1), tmp_path / "tiny.safetensors")
+    loaded = preload_models_from_standard_weights(path, dtype="auto")
+    assert {p.dtype for m in loaded.values() for p in m.parameters()} == {fast_dtype("cpu")}
+    with pytest.raises(ValueError, match="or 'auto', got 'fast'"):
+        preload_models_from_standard_weights(path, dtype="fast")
