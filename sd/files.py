@@ -55,7 +55,7 @@ def atomic_output(path: str | os.PathLike, overwrite: bool = True) -> Iterator[P
     `path` in one step. On any failure (a full disk, Ctrl-C) the temporary file is removed and `path` is untouched.
     overwrite=False: FileExistsError if `path` exists, even if another process took it while we wrote."""
     path = Path(path)
-    check_output_path(path)
+    _existing_folder(path)  # cheap; mkstemp below tries the folder itself
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:TEMP_NAME_CHARS]}.", suffix=".tmp")
     os.close(fd)
@@ -78,18 +78,22 @@ def atomic_output(path: str | os.PathLike, overwrite: bool = True) -> Iterator[P
 def check_output_path(path: Path) -> None:
     """Refuse, before any work, a path that is a folder, lies under a file or in a folder we cannot write to (tried
     with a temporary file: permissions alone do not tell, for root or on a read-only file system)."""
+    parent = _existing_folder(path)
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise OutputError(f"cannot write {path}: {e.strerror} in {parent}") from None
+
+
+def _existing_folder(path: Path) -> Path:
+    """The nearest folder above path that exists; OutputError if path is a folder or lies under a file."""
     if path.is_dir():
         raise OutputError(f"{path} is a folder; give a file name such as {path / 'out.png'}")
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise OutputError(f"cannot write {path}: {parent} is a file, not a folder")
-            try:
-                with tempfile.TemporaryFile(dir=parent):
-                    pass
-            except OSError as e:
-                raise OutputError(f"cannot write {path}: {e.strerror} in {parent}") from None
-            break
+    parent = next(p for p in path.parents if p.exists())  # "/" or "." always does
+    if not parent.is_dir():
+        raise OutputError(f"cannot write {path}: {parent} is a file, not a folder")
+    return parent
 
 
 def free_path(path: Path) -> Path:
@@ -152,8 +156,9 @@ def exif_user_comment(text: str) -> bytes:
 def save_image(image: Image.Image, path: str | os.PathLike, parameters: str | None = None,
                overwrite: bool = False) -> Path:
     """Write image in the format of path's extension, with parameters (AUTOMATIC1111's text) in its metadata.
-    Returns the path written: `path`, or with overwrite=False the next free numbered name beside it."""
-    path = check_image_output(path)
+    Returns the path written: `path`, or with overwrite=False the next free numbered name beside it. (A caller checks
+    the path once before its work with check_image_output; this runs for every --preview step.)"""
+    path = Path(path)
     fmt = image_format(path)
     options = _save_options(fmt, parameters)
     while True:

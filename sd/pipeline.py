@@ -301,9 +301,11 @@ def make_noise_model(diffusion, context: torch.Tensor, do_cfg: bool, cfg_scale: 
     """ε̂(x, t): the UNet on the prompts' context, with classifier-free guidance; the 9-channel inpainting UNet gets
     the mask and masked-image latents appended to its input."""
 
+    # The messages are functions, made only on a failure: float(t) of a GPU tensor would wait for the GPU every call.
     def unet(x_in: torch.Tensor, t) -> torch.Tensor:  # in the UNet's dtype; the sampler gets float32
-        return finite(diffusion(x_in.to(context.dtype), context, t).float(), lambda: f"the UNet (models['diffusion']) at timestep {float(t):g}, "
-                      f"on latents as large as {x_in.abs().max().item():.3g},")
+        return finite(diffusion(x_in.to(context.dtype), context, t).float(),
+                      lambda: f"the UNet (models['diffusion']) at timestep {float(t):g}, "
+                              f"on latents as large as {x_in.abs().max().item():.3g},")
 
     def noise_model(x: torch.Tensor, t) -> torch.Tensor:
         x_in = x if unet_extra is None else torch.cat([x, unet_extra], dim=1)  # (B, 4 or 9, h, w)
@@ -311,7 +313,7 @@ def make_noise_model(diffusion, context: torch.Tensor, do_cfg: bool, cfg_scale: 
             return unet(x_in, t)
         eps_uncond, eps_cond = unet(torch.cat([x_in] * 2), t).chunk(2)
         return finite(eps_uncond + cfg_scale * (eps_cond - eps_uncond),  # Ho & Salimans eq. (6)
-                      f"classifier-free guidance (cfg_scale={cfg_scale:g}) at timestep {float(t):g}")
+                      lambda: f"classifier-free guidance (cfg_scale={cfg_scale:g}) at timestep {float(t):g}")
 
     return noise_model
 
@@ -331,9 +333,9 @@ def with_guidance_fn(noise_model: NoiseModel, decoder, loss_fn: Callable, scale:
             if not isinstance(loss, torch.Tensor) or loss.shape not in ((), (1,), (x.shape[0],)):
                 got = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
                 raise ValueError(f"guidance_fn must return a loss tensor of shape () or ({x.shape[0]},), got {got}")
-            finite(loss.detach(), f"guidance_fn's loss at timestep {float(t):g}")
+            finite(loss.detach(), lambda: f"guidance_fn's loss at timestep {float(t):g}")
             (grad,) = torch.autograd.grad(loss.sum(), x_t)
-        grad = finite(grad, f"the gradient of guidance_fn's loss at timestep {float(t):g}")
+        grad = finite(grad, lambda: f"the gradient of guidance_fn's loss at timestep {float(t):g}")
         return eps + scale * (1 - alpha_bar) ** 0.5 * grad.to(eps.dtype)
 
     return guided
