@@ -19,6 +19,8 @@ from pathlib import Path
 from PIL import Image, features
 from PIL.PngImagePlugin import PngInfo
 
+from .interrupts import deferred_sigint
+
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 JPEG_QUALITY = 95  # AUTOMATIC1111's default (jpeg_quality / webp quality)
 EXIF_IFD = 0x8769  # the Exif sub-IFD, where UserComment lives
@@ -57,10 +59,12 @@ def atomic_output(path: str | os.PathLike, overwrite: bool = True) -> Iterator[P
     path = Path(path)
     _existing_folder(path)  # cheap; mkstemp below tries the folder itself
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:TEMP_NAME_CHARS]}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp)
+    tmp = None
     try:
+        with deferred_sigint():  # a Ctrl-C between making the file and holding its name would leave it behind
+            fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:TEMP_NAME_CHARS]}.", suffix=".tmp")
+            os.close(fd)
+            tmp = Path(name)
         yield tmp
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's file (or one a writer renamed over it) is private: 0600
         with open(tmp, "rb+") as f:
@@ -72,7 +76,8 @@ def atomic_output(path: str | os.PathLike, overwrite: bool = True) -> Iterator[P
             tmp.unlink()
         _fsync_dir(path.parent)
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
 
 
 def check_output_path(path: Path) -> None:

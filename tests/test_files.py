@@ -79,6 +79,28 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary_one(tmp_path):
         assert path.read_bytes() == b"the old, complete file" and leftovers(tmp_path) == []
 
 
+def test_a_ctrl_c_just_as_the_temporary_file_is_made_leaves_nothing(tmp_path, monkeypatch):
+    """CI once found `.x-1.png.*.tmp` left by a Ctrl-C: Python ran the KeyboardInterrupt after mkstemp had made the
+    file and before its name was kept. The signal is now held back for those lines and raised where the file is
+    cleaned up."""
+    import signal
+    import tempfile
+
+    made = []
+    real_mkstemp = tempfile.mkstemp
+
+    def mkstemp_then_ctrl_c(*args, **kwargs):
+        fd, name = real_mkstemp(*args, **kwargs)
+        made.append(name)
+        signal.raise_signal(signal.SIGINT)  # its handler runs at the next bytecode, before mkstemp returns
+        return fd, name
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt), atomic_output(tmp_path / "x.png") as tmp:
+        tmp.write_bytes(b"never written")
+    assert made and os.listdir(tmp_path) == [] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_a_reader_sees_the_old_file_until_the_new_one_is_whole(tmp_path):
     """What --preview needs: the viewer reads the last complete image while the next one is being written."""
     path = save_image(picture(1), tmp_path / "preview.png", overwrite=True)

@@ -21,8 +21,9 @@ from reference import tiny_configs
 from sd.checks import NonFiniteError
 from sd.devices import best_device
 from sd.model_loader import build_models, preload_models_from_standard_weights
-from sd.training.train import (TrainConfig, TrainingInterrupted, VAETrainConfig, checkpoint_path, deferred_sigint,
-                               export, load_ema, train_diffusion, train_vae)
+from sd.interrupts import deferred_sigint
+from sd.training.train import (TrainConfig, TrainingInterrupted, VAETrainConfig, checkpoint_path, export, load_ema,
+                               train_diffusion, train_vae)
 from sd.training.command import build_parser, main, make_plan
 
 COLOURS = {"red": (1.0, -1.0, -1.0), "green": (-1.0, 1.0, -1.0), "blue": (-1.0, -1.0, 1.0), "white": (1.0, 1.0, 1.0)}

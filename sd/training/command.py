@@ -24,12 +24,13 @@ from ..decoder import VAEConfig
 from ..devices import resolve_device
 from ..diffusion import DiffusionConfig
 from ..files import OutputError, check_output_path
+from ..interrupts import deferred_sigint
 from ..model_loader import build_models, check_configs_fit, configs_from_json
 from ..pipeline import MAX_SEED
 from .datasets import MIN_SIZE, ShapesDataset
 from .train import (
-    MIXED_PRECISION, TrainConfig, TrainingInterrupted, VAETrainConfig, check_resumable, checkpoint_path,
-    deferred_sigint, export, fit_latent_scale, latest_checkpoint, load_ema, run_record, train_diffusion, train_vae,
+    MIXED_PRECISION, TrainConfig, TrainingInterrupted, VAETrainConfig, check_resumable, checkpoint_path, export,
+    fit_latent_scale, latest_checkpoint, load_ema, run_record, train_diffusion, train_vae,
 )
 
 SAMPLE_PROMPTS = ("a red circle on a blue background", "a yellow square on a black background")

@@ -28,7 +28,6 @@ import json
 import math
 import os
 import signal
-import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -47,6 +46,7 @@ from ..ddpm import DDPMSampler
 from ..decoder import VAE_Decoder
 from ..encoder import VAE_Encoder
 from ..files import atomic_output, save_image
+from ..interrupts import STOP_SIGNALS, deferred_sigint, handlers_to_replace
 from ..model_loader import save_standard_weights
 from ..pipeline import generate
 from ..schedule import N_TRAINING_STEPS
@@ -166,46 +166,13 @@ class TrainingInterrupted(KeyboardInterrupt):
         self.step, self.steps, self.checkpoint = step, steps, checkpoint
 
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C, and `kill` (which the `sd` command turns into a Ctrl-C)
-
-
-def _handlers_to_replace(signals: Sequence[int], accept: Callable) -> dict[int, object]:
-    """{signal: its handler now} for those whose handler `accept`s being replaced; none outside the main thread
-    (only it may set handlers)."""
-    if threading.current_thread() is not threading.main_thread():
-        return {}
-    handlers = {signum: signal.getsignal(signum) for signum in signals}
-    return {signum: handler for signum, handler in handlers.items() if accept(handler)}
-
-
-@contextlib.contextmanager
-def deferred_sigint(deliver: bool = True, signals: Sequence[int] = STOP_SIGNALS) -> Iterator[None]:
-    """Hold back Ctrl-C (SIGINT) and `kill` (SIGTERM) while the block runs, so that a file being written or a step
-    being applied is finished; then hand each signal that came to the handler that was there before (Python's
-    SIGINT one raises KeyboardInterrupt, SIGTERM's default ends the process), or drop them if not deliver. Only the
-    main thread may set handlers: in another thread the block runs as it is, and so does a signal whose handler
-    was set outside Python."""
-    previous = _handlers_to_replace(signals, lambda handler: handler is not None)
-    received = {}  # signal -> the frame of its first arrival, in the order they came
-    for signum in previous:
-        signal.signal(signum, lambda signum, frame: received.setdefault(signum, frame))
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-    if deliver:
-        for signum, frame in received.items():
-            _deliver_signal(previous[signum], signum, frame)
-
-
 @contextlib.contextmanager
 def _remembered_sigint(signals: Sequence[int] = STOP_SIGNALS) -> Iterator[list]:
     """While the block runs, Ctrl-C (and SIGTERM, where the `sd` command makes it one) raises KeyboardInterrupt as
     usual and is also noted in the list yielded: one whose exception is lost (Python drops it when it lands in a
     finalizer, an extension may turn it into another error) still stops the training loop. Only in the main
     thread, for the signals under Python's own SIGINT handler (signal.default_int_handler)."""
-    previous = _handlers_to_replace(signals, lambda handler: handler is signal.default_int_handler)
+    previous = handlers_to_replace(signals, lambda handler: handler is signal.default_int_handler)
     received = []
 
     def note_and_raise(signum, frame):
@@ -219,14 +186,6 @@ def _remembered_sigint(signals: Sequence[int] = STOP_SIGNALS) -> Iterator[list]:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-
-
-def _deliver_signal(handler, signum: int, frame) -> None:
-    if callable(handler):
-        handler(signum, frame)
-    elif handler == signal.SIG_DFL:
-        signal.raise_signal(signum)  # the default action (for SIGINT and SIGTERM, the process ends), as it would
-    # SIG_IGN: ignored, as it would have been
 
 
 # --- checkpoints ---------------------------------------------------------------------------------------------------

@@ -1,0 +1,54 @@
+"""Ctrl-C (SIGINT) and `kill` (SIGTERM) held back while something must finish: a file being created, a training
+step being applied, a checkpoint being written.
+
+No tutorial counterpart. Python runs a signal's handler between two bytecodes of the main thread, so a Ctrl-C can
+land anywhere, even between creating a file and remembering its name; holding the signal back for those few lines
+and handing it on afterwards makes such a step all-or-nothing. Only the main thread may set handlers: elsewhere the
+block runs as it is.
+"""
+
+import contextlib
+import signal
+import threading
+from collections.abc import Callable, Iterator, Sequence
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C, and `kill` (which the `sd` command turns into a Ctrl-C)
+
+
+def handlers_to_replace(signals: Sequence[int], accept: Callable) -> dict[int, object]:
+    """{signal: its handler now} for those whose handler `accept`s being replaced; none outside the main thread
+    (only it may set handlers)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    handlers = {signum: signal.getsignal(signum) for signum in signals}
+    return {signum: handler for signum, handler in handlers.items() if accept(handler)}
+
+
+@contextlib.contextmanager
+def deferred_sigint(deliver: bool = True, signals: Sequence[int] = STOP_SIGNALS) -> Iterator[None]:
+    """Hold back Ctrl-C (SIGINT) and `kill` (SIGTERM) while the block runs, so that a file being written or a step
+    being applied is finished; then hand each signal that came to the handler that was there before (Python's
+    SIGINT one raises KeyboardInterrupt, SIGTERM's default ends the process), or drop them if not deliver. Only the
+    main thread may set handlers: in another thread the block runs as it is, and so does a signal whose handler
+    was set outside Python."""
+    previous = handlers_to_replace(signals, lambda handler: handler is not None)
+    received = {}  # signal -> the frame of its first arrival, in the order they came
+    for signum in previous:
+        signal.signal(signum, lambda signum, frame: received.setdefault(signum, frame))
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if deliver:
+        for signum, frame in received.items():
+            deliver_signal(previous[signum], signum, frame)
+
+
+def deliver_signal(handler, signum: int, frame) -> None:
+    """Do what `handler` (one signal.getsignal returned) would have done with the signal."""
+    if callable(handler):
+        handler(signum, frame)
+    elif handler == signal.SIG_DFL:
+        signal.raise_signal(signum)  # the default action (for SIGINT and SIGTERM, the process ends), as it would
+    # SIG_IGN: ignored, as it would have been
