@@ -20,6 +20,7 @@ from pathlib import Path
 from .checks import ArgumentParser, NonFiniteError, UsageError
 from .files import check_image_output, is_disk_full, save_image
 from .images import RESIZE_MODES
+from .interrupts import remembered_interrupts
 from .pipeline import NONFINITE
 
 # The embedded model: trained on CPU on sd.training.datasets' shapes (see weights/README.md for the command).
@@ -328,22 +329,28 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]  # train parses its own options: take it out for both
-    with warnings.catch_warnings(), sigterm_as_interrupt():
+    with warnings.catch_warnings(), sigterm_as_interrupt(), remembered_interrupts() as interrupts:
         if not debug:
             warnings.showwarning = _one_line_warnings
         try:
             return run_command(argv)
-        except KeyboardInterrupt:
-            if debug:
+        except BaseException as error:
+            if debug or not isinstance(error, (Exception, KeyboardInterrupt)):
                 raise
-            print("sd: interrupted", file=sys.stderr)
-            return 130
-        except Exception as error:
-            message = None if debug else explain(error)
-            if message is None:
-                raise
-            print(f"sd: error: {message}", file=sys.stderr)
-            return 2 if isinstance(error, UsageError) else 1
+            return _exit_code(error, interrupted=bool(interrupts))
+
+
+def _exit_code(error: BaseException, interrupted: bool) -> int:
+    """Say what stopped sd in one line; 130 for a Ctrl-C (also one that a library turned into another error on its
+    way), 2 for a usage error, 1 for the others. An error we cannot explain is raised with its traceback."""
+    if interrupted or isinstance(error, KeyboardInterrupt):
+        print("sd: interrupted", file=sys.stderr)
+        return 130
+    message = explain(error)
+    if message is None:
+        raise error
+    print(f"sd: error: {message}", file=sys.stderr)
+    return 2 if isinstance(error, UsageError) else 1
 
 
 if __name__ == "__main__":

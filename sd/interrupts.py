@@ -52,3 +52,33 @@ def deliver_signal(handler, signum: int, frame) -> None:
     elif handler == signal.SIG_DFL:
         signal.raise_signal(signum)  # the default action (for SIGINT and SIGTERM, the process ends), as it would
     # SIG_IGN: ignored, as it would have been
+
+
+class _NoteAndRaise:
+    """A handler that notes the signal in `received`, then does what `previous` (Python's SIGINT handler or another
+    _NoteAndRaise) does: raise KeyboardInterrupt."""
+
+    def __init__(self, previous, received: list):
+        self.previous, self.received = previous, received
+
+    def __call__(self, signum, frame):
+        self.received.append(frame)
+        self.previous(signum, frame)
+
+
+@contextlib.contextmanager
+def remembered_interrupts(signals: Sequence[int] = STOP_SIGNALS) -> Iterator[list]:
+    """While the block runs, Ctrl-C (and SIGTERM, where the `sd` command makes it one) raises KeyboardInterrupt as
+    usual and is also noted in the list yielded: one whose exception is lost (Python drops it when it lands in a
+    finalizer; an extension may turn it into another error) still counts as a Ctrl-C. Nests. Only in the main
+    thread, for the signals under Python's own SIGINT handler (signal.default_int_handler)."""
+    previous = handlers_to_replace(signals, lambda handler: handler is signal.default_int_handler
+                                   or isinstance(handler, _NoteAndRaise))
+    received = []
+    for signum in previous:
+        signal.signal(signum, _NoteAndRaise(previous[signum], received))
+    try:
+        yield received
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

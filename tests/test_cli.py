@@ -367,3 +367,24 @@ def test_ctrl_c_at_any_moment_leaves_only_complete_images(checkpoint, tmp_path, 
         assert "sd: interrupted" in rest and "Traceback" not in rest
     images = [name for name in _complete(out) if name.startswith("x-")] if out.exists() else []
     assert proc.returncode == 0 or len(images) < 40  # interrupted: some images are missing, none is broken
+
+
+def test_a_ctrl_c_that_a_library_turns_into_another_error_still_reads_as_one(monkeypatch, capsys):
+    """CI saw a Ctrl-C during loading come out as "sd: error: could not determine the shape of object type
+    'torch.storage.UntypedStorage'" (exit 1): an extension caught the KeyboardInterrupt and raised its own error.
+    The command remembers the signal, so any error after it is an interruption."""
+    import signal
+
+    import sd.cli
+
+    def load_in_an_extension(argv):
+        try:
+            signal.raise_signal(signal.SIGINT)
+            sum(range(10))  # the KeyboardInterrupt is raised here, at the next bytecode
+        except KeyboardInterrupt:
+            raise TypeError("could not determine the shape of object type 'torch.storage.UntypedStorage'") from None
+
+    monkeypatch.setattr(sd.cli, "run_command", load_in_an_extension)
+    assert main(["generate", "a cat"]) == 130
+    assert capsys.readouterr().err == "sd: interrupted\n"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -46,7 +46,7 @@ from ..ddpm import DDPMSampler
 from ..decoder import VAE_Decoder
 from ..encoder import VAE_Encoder
 from ..files import atomic_output, save_image
-from ..interrupts import STOP_SIGNALS, deferred_sigint, handlers_to_replace
+from ..interrupts import deferred_sigint, remembered_interrupts
 from ..model_loader import save_standard_weights
 from ..pipeline import generate
 from ..schedule import N_TRAINING_STEPS
@@ -164,28 +164,6 @@ class TrainingInterrupted(KeyboardInterrupt):
         where = f"saved in {checkpoint}" if checkpoint else "nothing to save"
         super().__init__(f"interrupted after step {step} of {steps}; {where}")
         self.step, self.steps, self.checkpoint = step, steps, checkpoint
-
-
-@contextlib.contextmanager
-def _remembered_sigint(signals: Sequence[int] = STOP_SIGNALS) -> Iterator[list]:
-    """While the block runs, Ctrl-C (and SIGTERM, where the `sd` command makes it one) raises KeyboardInterrupt as
-    usual and is also noted in the list yielded: one whose exception is lost (Python drops it when it lands in a
-    finalizer, an extension may turn it into another error) still stops the training loop. Only in the main
-    thread, for the signals under Python's own SIGINT handler (signal.default_int_handler)."""
-    previous = handlers_to_replace(signals, lambda handler: handler is signal.default_int_handler)
-    received = []
-
-    def note_and_raise(signum, frame):
-        received.append(frame)
-        previous[signum](signum, frame)
-
-    for signum in previous:
-        signal.signal(signum, note_and_raise)
-    try:
-        yield received
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
 
 
 # --- checkpoints ---------------------------------------------------------------------------------------------------
@@ -510,7 +488,7 @@ def _fit(trained: dict[str, nn.Module], draw: Callable, loss_fn: Callable, cfg: 
     run = _start(trained, cfg, resume_from, record)
     losses = []
     bar = tqdm(range(run.done, cfg.steps), initial=run.done, total=cfg.steps, desc=desc, disable=not progress)
-    with _remembered_sigint() as sigints:
+    with remembered_interrupts() as sigints:
         try:
             for step in bar:
                 if sigints:
