@@ -16,16 +16,18 @@ from sd.cli import EMBEDDED_CHECKPOINT
 from sd.training.datasets import ADHERENCE_PROMPTS, caption, describe
 from sd.model_loader import preload_models_from_standard_weights
 from sd.pipeline import generate
+from sd.speedups import DEEPCACHE_INTERVAL, TOME_RATIO
 
 
 def adherence(models, prompts, seed: int, cfg_scale: float | None, steps: int = 20, sampler: str = "dpmpp_2m_karras",
-              size: int = 64) -> list[dict]:
-    """One image per (shape, colour, background) prompt, all in one batch; cfg_scale None: no guidance.
-    Returns, per prompt, what was asked, what was seen, and whether each part matches."""
+              size: int = 64, **options) -> list[dict]:
+    """One image per (shape, colour, background) prompt, all in one batch; cfg_scale None: no guidance; options go
+    to generate() (tome_ratio=..., deepcache_interval=...). Returns, per prompt, what was asked, what was seen, and
+    whether each part matches."""
     texts = [caption(*p) for p in prompts]
     images = generate(texts, models=models, seed=seed, n_inference_steps=steps, sampler_name=sampler, height=size,
                       width=size, do_cfg=cfg_scale is not None, cfg_scale=cfg_scale or 1.0, progress=False,
-                          output_type="pil")
+                      output_type="pil", **options)
     rows = []
     for (shape, colour, background), image in zip(prompts, images):
         seen = describe(image)
@@ -51,14 +53,22 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     models = preload_models_from_standard_weights(args.checkpoint)
+    bf16 = preload_models_from_standard_weights(args.checkpoint, dtype=torch.bfloat16)
     prompts = list(ADHERENCE_PROMPTS)
     print(f"{args.checkpoint}: {len(prompts)} prompts x {len(args.seeds)} seeds, {args.steps} steps dpmpp_2m_karras\n")
     print("| guidance | shape | colour | background | all three |")
     print("|---|---|---|---|---|")
     first = None
-    for label, scale in ((f"CFG {args.cfg_scale}", args.cfg_scale), ("none", None)):
+    cfg = f"CFG {args.cfg_scale}"
+    variants = [(cfg, args.cfg_scale, models, {}), ("none", None, models, {}), (f"{cfg}, bfloat16", args.cfg_scale, bf16, {}),
+                (f"{cfg}, ToMe {TOME_RATIO}", args.cfg_scale, models, {"tome_ratio": TOME_RATIO}),
+                (f"{cfg}, DeepCache {DEEPCACHE_INTERVAL}", args.cfg_scale, models,
+                 {"deepcache_interval": DEEPCACHE_INTERVAL}),
+                (f"{cfg}, ToMe + DeepCache, bfloat16", args.cfg_scale, bf16,
+                 {"tome_ratio": TOME_RATIO, "deepcache_interval": DEEPCACHE_INTERVAL})]
+    for label, scale, chosen, options in variants:
         t0 = time.perf_counter()
-        rows = [r for seed in args.seeds for r in adherence(models, prompts, seed, scale, args.steps)]
+        rows = [r for seed in args.seeds for r in adherence(chosen, prompts, seed, scale, args.steps, **options)]
         first = first or rows[: len(prompts)]
         cells = " | ".join(f"{rate(rows, k):.0%}" for k in ("shape", "colour", "background", "all"))
         print(f"| {label} | {cells} |  ({time.perf_counter() - t0:.1f} s)")

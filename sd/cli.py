@@ -8,6 +8,7 @@ once. Everything is checked before the model loads; known errors are one line (m
 
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import json
 import re
@@ -15,6 +16,7 @@ import signal
 import sys
 import threading
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 from .checks import ArgumentParser, NonFiniteError, UsageError
@@ -22,6 +24,7 @@ from .files import check_image_output, is_disk_full, save_image
 from .images import RESIZE_MODES
 from .interrupts import remembered_interrupts
 from .pipeline import NONFINITE
+from .speedups import DEEPCACHE_INTERVAL, TOME_RATIO, Speedups
 
 # The embedded model: trained on CPU on sd.training.datasets' shapes (see weights/README.md for the command).
 EMBEDDED_CHECKPOINT = Path(__file__).resolve().parents[1] / "weights" / "sd-shapes.safetensors"
@@ -58,10 +61,10 @@ def check_prompt_metadata(prompt: str, negative_prompt: str) -> None:
 def a1111_parameters(prompt: str, negative_prompt: str, steps: int, sampler: str, cfg_scale: float, seed: int,
                      width: int, height: int, checkpoint: Path, model_hash: str | None,
                      strength: float | None = None, batch: tuple[int, int] | None = None,
-                     steps_run: int | None = None) -> str:
+                     steps_run: int | None = None, extra: Sequence[tuple[str, object]] = ()) -> str:
     """The text AUTOMATIC1111 stores in a PNG's "parameters" chunk: prompt, negative prompt, then key: value pairs.
     Steps is what was asked (as AUTOMATIC1111 writes it, so the image can be made again); image-to-image at a strength
-    below 1 runs fewer, written as "Steps run"."""
+    below 1 runs fewer, written as "Steps run". extra: more (key, value) pairs, e.g. ("Token merging ratio", 0.5)."""
     check_prompt_metadata(prompt, negative_prompt)
     fields = [("Steps", steps), ("Sampler", A1111_SAMPLERS[sampler]), ("CFG scale", cfg_scale), ("Seed", seed),
               ("Size", f"{width}x{height}")]
@@ -74,6 +77,7 @@ def a1111_parameters(prompt: str, negative_prompt: str, steps: int, sampler: str
         fields.append(("Steps run", steps_run))
     if batch is not None and batch[0] > 1:
         fields += [("Batch size", batch[0]), ("Batch pos", batch[1])]
+    fields += list(extra)
     lines = [prompt] + ([f"{NEGATIVE_PREFIX}{negative_prompt}"] if negative_prompt else [])
     return "\n".join(lines + [", ".join(f"{k}: {quote(v)}" for k, v in fields)])
 
@@ -121,9 +125,19 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", type=Path, default=None,
                    help="SD 1.x .safetensors/.ckpt (default: the embedded model, weights/sd-shapes.safetensors)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default)")
-    p.add_argument("--dtype", default="float32", choices=DTYPES,
-                   help="the models' dtype (default float32); auto: bfloat16 on a CPU with native bf16 (AMX, "
-                        "AVX-512-BF16), float16 on a GPU, else float32")
+    p.add_argument("--dtype", default="auto", choices=DTYPES,
+                   help="the models' dtype; auto (default): bfloat16 on a CPU with native bf16 (AMX, AVX-512-BF16), "
+                        "float16 on a GPU, else float32")
+    p.add_argument("--tome", type=float, nargs="?", const=TOME_RATIO, default=0.0, metavar="RATIO",
+                   help=f"Token Merging: merge this fraction of the top-level tokens (alone: {TOME_RATIO}); faster, "
+                        "a little less faithful (README: Speed)")
+    p.add_argument("--deepcache", type=int, nargs="?", const=DEEPCACHE_INTERVAL, default=0, metavar="N",
+                   help=f"DeepCache: run the whole UNet every N steps only (alone: {DEEPCACHE_INTERVAL}); faster, a "
+                        "little less faithful")
+    p.add_argument("--attention-slice-size", type=int, default=None, metavar="TOKENS",
+                   help="attention on this many query tokens at a time: less memory, the same image")
+    p.add_argument("--vae-tiling", action="store_true",
+                   help="decode (and encode) in overlapping tiles: large images in a few GB")
     p.add_argument("--nonfinite", default="raise", choices=NONFINITE,
                    help="NaN/inf in a model's output: stop and say where (default), or warn and go on (to debug)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -240,6 +254,7 @@ def run_generation(args: argparse.Namespace) -> list[Path]:
                                 "pass --checkpoint weights/v1-5-pruned-emaonly.safetensors (see weights/README.md)")
     seed = resolve_seed(args.seed)
     check_numbers(args.cfg_scale, getattr(args, "strength", 1.0), args.num_images, seed, None, args.height, args.width)
+    speedups = Speedups(args.tome, args.deepcache, args.attention_slice_size, args.vae_tiling)
     check_outputs(args)
     check_prompt_metadata(args.prompt, args.negative_prompt)
     image = _open_image(args.image, "image") if getattr(args, "image", None) else None
@@ -261,7 +276,8 @@ def run_generation(args: argparse.Namespace) -> list[Path]:
                       n_inference_steps=args.steps, models=models, seed=seed, device=device, height=height,
                       width=width, num_images=args.num_images, paste_back=getattr(args, "paste_back", False),
                       progress=not args.quiet, callback=show, output_type="pil",
-                      resize_mode=getattr(args, "resize_mode", "stretch"), nonfinite=args.nonfinite)
+                      resize_mode=getattr(args, "resize_mode", "stretch"), nonfinite=args.nonfinite,
+                      **dataclasses.asdict(speedups))
     digest = model_hash(checkpoint)
     written = []
     for i, picture in enumerate(images):
@@ -269,11 +285,21 @@ def run_generation(args: argparse.Namespace) -> list[Path]:
         parameters = a1111_parameters(
             args.prompt, args.negative_prompt, args.steps, args.sampler, args.cfg_scale, seed, width, height,
             checkpoint, digest, strength=args.strength if image is not None else None, batch=(len(images), i),
-            steps_run=run)
+            steps_run=run, extra=speedup_parameters(speedups))
         written.append(save_image(picture, path, parameters, overwrite=args.overwrite))
         note = "" if written[-1] == path else f" ({path} exists; --overwrite replaces it)"
         print(f"sd: wrote {written[-1]}{note}", file=sys.stderr)
     return written
+
+
+def speedup_parameters(speedups) -> list[tuple[str, object]]:
+    """What changes the image, as AUTOMATIC1111 writes Token Merging ("Token merging ratio"), and DeepCache."""
+    fields = []
+    if speedups.tome_ratio:
+        fields.append(("Token merging ratio", speedups.tome_ratio))
+    if speedups.deepcache_interval > 1:
+        fields.append(("DeepCache interval", speedups.deepcache_interval))
+    return fields
 
 
 # --- one error boundary for every subcommand ---------------------------------------------------------------------

@@ -5,6 +5,8 @@ Upsample, SwitchSequential, UNET, UNET_OutputLayer, Diffusion).
 Original: ldm/modules/diffusionmodules/openaimodel.py (UNetModel) and ldm/modules/attention.py
 (SpatialTransformer) with configs/stable-diffusion/v1-inference.yaml (unet_config).
 References: Ronneberger et al. 2015 (U-Net); Ho et al. 2020 (DDPM, eps-prediction); Shazeer 2020 (GEGLU).
+Two accelerations hook in here, each off unless set by its context manager: Token Merging in the self-attention
+of UNET_AttentionBlock (sd.tome.merged_tokens) and DeepCache in UNET.forward (sd.deepcache.deep_cache).
 """
 
 import math
@@ -16,6 +18,7 @@ from torch import nn
 
 from .attention import CrossAttention, SelfAttention
 from .checks import check, check_config_fields
+from .tome import token_merging
 
 MAX_PERIOD = 10_000  # longest wavelength of the sinusoidal timestep embedding (Transformer positional encoding)
 
@@ -115,10 +118,12 @@ class UNET_AttentionBlock(nn.Module):
     """Transformer over the H*W pixels: self-attention, cross-attention to the text, GEGLU feed-forward.
 
     The tutorial's signature is UNET_AttentionBlock(n_head, n_embd) where n_embd is the per-head size; here d_head.
+    level: where in the UNet it is, 0 = the highest resolution (Token Merging works there).
     """
 
-    def __init__(self, n_heads: int, d_head: int, cfg: DiffusionConfig):
+    def __init__(self, n_heads: int, d_head: int, cfg: DiffusionConfig, level: int = 0):
         super().__init__()
+        self.level = level
         channels = n_heads * d_head
         self.groupnorm = nn.GroupNorm(cfg.n_groups, channels, eps=cfg.attn_norm_eps)
         self.conv_input = nn.Conv2d(channels, channels, kernel_size=1)
@@ -130,17 +135,27 @@ class UNET_AttentionBlock(nn.Module):
         self.linear_geglu_1 = nn.Linear(channels, 4 * channels * 2)  # value and gate of the GEGLU, 4x wide each
         self.linear_geglu_2 = nn.Linear(4 * channels, channels)
         self.conv_output = nn.Conv2d(channels, channels, kernel_size=1)
+        self.token_merge_ratio = 0.0  # Token Merging (sd.tome.merged_tokens sets it): 0 = off
+        self.token_merge_generator: torch.Generator | None = None
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
         h = self.conv_input(self.groupnorm(x))
         h = h.view(B, C, H * W).transpose(1, 2)  # (B, H*W, C)
-        h = h + self.attention_1(self.layernorm_1(h))
+        h = h + self.self_attention(h, H, W)
         h = h + self.attention_2(self.layernorm_2(h), context)
         value, gate = self.linear_geglu_1(self.layernorm_3(h)).chunk(2, dim=-1)  # (B, H*W, 4C) each
         h = h + self.linear_geglu_2(value * F.gelu(gate))
         h = h.transpose(1, 2).reshape(B, C, H, W)
         return x + self.conv_output(h)
+
+    def self_attention(self, h: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        """attention_1 over the H*W tokens, or with Token Merging over fewer: the most similar tokens merged into
+        one before it and copied back after (Bolya & Hoffman 2023, as tomesd does in its attention only)."""
+        if not self.token_merge_ratio:
+            return self.attention_1(self.layernorm_1(h))
+        merge, unmerge = token_merging(h, H, W, self.token_merge_ratio, self.token_merge_generator)
+        return unmerge(self.attention_1(merge(self.layernorm_1(h))))  # (B, H*W - r, C) inside
 
 
 class Upsample(nn.Module):
@@ -184,7 +199,7 @@ class UNET(nn.Module):
         def block(in_ch: int, out_ch: int, level: int) -> list[nn.Module]:
             layers: list[nn.Module] = [UNET_ResidualBlock(in_ch, out_ch, cfg)]
             if cfg.attention_levels[level]:
-                layers.append(UNET_AttentionBlock(cfg.n_heads, out_ch // cfg.n_heads, cfg))
+                layers.append(UNET_AttentionBlock(cfg.n_heads, out_ch // cfg.n_heads, cfg, level))
             return layers
 
         # Encoder (ldm input_blocks): (B, 4, H, W) -> (B, 1280, H/8, W/8), remembering each output for the skips.
@@ -203,7 +218,7 @@ class UNET(nn.Module):
         # Bottleneck (ldm middle_block): always has attention.
         self.bottleneck = SwitchSequential(
             UNET_ResidualBlock(ch, ch, cfg),
-            UNET_AttentionBlock(cfg.n_heads, ch // cfg.n_heads, cfg),
+            UNET_AttentionBlock(cfg.n_heads, ch // cfg.n_heads, cfg, last),
             UNET_ResidualBlock(ch, ch, cfg),
         )
 
@@ -217,17 +232,40 @@ class UNET(nn.Module):
                 if level != 0 and i == cfg.n_res_blocks:
                     layers.append(Upsample(ch))
                 self.decoders.append(SwitchSequential(*layers))
+        self.deep_cache = None  # DeepCache (sd.deepcache.deep_cache sets it): None = off
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
+        cache = self.deep_cache
+        if cache is not None and cache.reusable(x):
+            return self.shallow_forward(x, context, time, cache)
         skips = []
         for layers in self.encoders:
             x = layers(x, context, time)
             skips.append(x)
         x = self.bottleneck(x, context, time)
-        for layers in self.decoders:
-            x = torch.cat((x, skips.pop()), dim=1)
-            x = layers(x, context, time, output_size=skips[-1].shape[-2:] if skips else None)
+        for i, layers in enumerate(self.decoders):
+            if cache is not None and i == len(self.decoders) - cache.branch - 1:
+                cache.features = x  # what the decoders the shallow path runs start from
+            x = self.decode(layers, x, skips, context, time)
         return x
+
+    def shallow_forward(self, x: torch.Tensor, context: torch.Tensor, time: torch.Tensor, cache) -> torch.Tensor:
+        """DeepCache's in-between call: the first branch + 1 encoder blocks, then the last branch + 1 decoder blocks
+        on the deep feature kept by the last full call (Ma et al. 2023, eq. 4)."""
+        skips = []
+        for layers in self.encoders[:cache.branch + 1]:
+            x = layers(x, context, time)
+            skips.append(x)
+        x = cache.features
+        for layers in self.decoders[len(self.decoders) - cache.branch - 1:]:
+            x = self.decode(layers, x, skips, context, time)
+        return x
+
+    @staticmethod
+    def decode(layers, x, skips: list, context, time) -> torch.Tensor:
+        """One decoder block on x and the last skip connection; an upsample goes to the size of the next skip."""
+        x = torch.cat((x, skips.pop()), dim=1)
+        return layers(x, context, time, output_size=skips[-1].shape[-2:] if skips else None)
 
 
 class UNET_OutputLayer(nn.Module):

@@ -17,7 +17,7 @@ from .checkpoint_io import CKPT_TENSORS_KEY, Checkpoint, CheckpointError, open_c
 from .checks import check
 from .clip import CLIP, CLIPConfig
 from .decoder import VAE_Decoder, VAEConfig
-from .devices import fast_dtype
+from .devices import fast_dtype, fast_memory_format
 from .diffusion import Diffusion, DiffusionConfig
 from .encoder import VAE_Encoder
 from .files import atomic_output
@@ -188,8 +188,8 @@ def preload_models_from_standard_weights(ckpt_path: str | os.PathLike, device: t
     """Load {"clip", "encoder", "decoder", "diffusion"} from one SD 1.x checkpoint, in eval mode. ckpt_path:
     .safetensors or .ckpt (with or without the "state_dict" wrapper; v1-5-pruned.ckpt's EMA weights are used when
     use_ema). dtype: float32 (the default, as the tutorial), float16/bfloat16 for half the memory, or "auto": the
-    fast one for the device (sd.devices.fast_dtype: bf16 on a CPU with native bf16, fp16 on a GPU). configs:
-    override those the file implies."""
+    fast one for the device (sd.devices.fast_dtype: bf16 on a CPU with native bf16, fp16 on a GPU); bf16 on a CPU
+    loads the convolutions channels_last (sd.devices.fast_memory_format). configs: override those the file implies."""
     if isinstance(dtype, str) and dtype == "auto":
         dtype = fast_dtype(device)
     if dtype not in FLOAT_DTYPES:
@@ -200,9 +200,10 @@ def preload_models_from_standard_weights(ckpt_path: str | os.PathLike, device: t
     models = build_models(configs, device="meta")  # structure only: no memory until the weights arrive
     state_dicts = load_from_standard_weights(ckpt, models, dtype=dtype, device=device, use_ema=use_ema)
     del ckpt  # the parameters are fresh memory: with the checkpoint goes the file's mapping
+    memory_format = fast_memory_format(device, dtype)
     for name, model in models.items():
         model.load_state_dict(state_dicts[name], strict=True, assign=True)
-        model.eval()
+        model.eval().to(memory_format=memory_format)  # the convolutions' weights: one copy at a time
     return models
 
 

@@ -31,7 +31,9 @@ from .images import RESIZE_MODES, image_to_tensor, mask_to_tensor, oriented_size
 from .inspect.attention_maps import AttentionMaps
 from .samplers import make_sampler
 from .schedule import alpha_cumprod_at, make_alphas_cumprod, make_betas
+from .speedups import Speedups
 from .tokenizer import load_tokenizer, tokenize
+from .vae_tiling import decode_tiled, encode_tiled
 
 GUIDANCE_FN_SCALE = 200.0  # the Hugging Face diffusion course's colour-loss scale, for the same x̂_0 nudge s·σ²·∇loss
 OUTPUT_TYPES = ("np", "pil")  # uint8 arrays as the tutorial returns, or PIL images as diffusers does
@@ -265,16 +267,17 @@ class Start:
 
 def prepare_latents(encoder, sampler, randn: Callable, latent_shape: tuple[int, ...], image: torch.Tensor | None,
                     mask: torch.Tensor | None, strength: float, inpainting_unet: bool,
-                    finite: FiniteCheck = FiniteCheck()) -> Start:
+                    finite: FiniteCheck = FiniteCheck(), tiled: bool = False) -> Start:
     """Pure noise; or the input image's latents noised to the first step that strength keeps (SDEdit); with a mask,
     what inpainting needs. Random draws in diffusers' order: the image's VAE sample, the start noise, the masked
     image's VAE sample. image (1, 3, H, W) and mask (1, 1, H, W) serve every prompt of the batch. The sampler's
-    timesteps are already cut to strength (make_sampler)."""
+    timesteps are already cut to strength (make_sampler). tiled: the encoder runs in overlapping tiles."""
+    encode = encode_tiled if tiled else run_in_dtype
     one = (1, *latent_shape[1:])
     image_latents = None
     if image is not None:
         if mask is None or not inpainting_unet or strength < 1:
-            image_latents = finite(run_in_dtype(encoder, image, randn(one)), VAE_ENCODER).expand(latent_shape)
+            image_latents = finite(encode(encoder, image, randn(one)), VAE_ENCODER).expand(latent_shape)
     noise = randn(latent_shape)
     if image_latents is None or (mask is not None and strength == 1):
         latents = noise * sampler.init_noise_sigma
@@ -284,7 +287,7 @@ def prepare_latents(encoder, sampler, randn: Callable, latent_shape: tuple[int, 
     if mask is not None:
         latent_mask = F.interpolate(mask, size=latent_shape[2:]).expand(latent_shape[0], -1, -1, -1)  # (B, 1, h, w)
         if inpainting_unet:
-            masked = run_in_dtype(encoder, image * (mask < 0.5), randn(one))
+            masked = encode(encoder, image * (mask < 0.5), randn(one))
             masked_image_latents = finite(masked, VAE_ENCODER).expand(latent_shape)
             start.unet_extra = torch.cat([latent_mask, masked_image_latents], dim=1)
         else:
@@ -366,10 +369,11 @@ def denoise(sampler, start: Start, noise_model: NoiseModel, callback: Callable |
 
 
 def decode(decoder, latents: torch.Tensor, image: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-           finite: FiniteCheck = FiniteCheck()):
+           finite: FiniteCheck = FiniteCheck(), tiled: bool = False):
     """(B, 3, H, W) in about [-1, 1]. With image and mask (paste_back): outside the mask, the input image exactly as
-    it went into the encoder. float32, whatever the decoder's dtype."""
-    images = finite(run_in_dtype(decoder, latents), "the VAE decoder (models['decoder'])")
+    it went into the encoder. float32, whatever the decoder's dtype. tiled: in overlapping tiles (sd.vae_tiling)."""
+    images = decode_tiled(decoder, latents) if tiled else run_in_dtype(decoder, latents)
+    images = finite(images, "the VAE decoder (models['decoder'])")
     if mask is not None:
         images = mask * images + (1 - mask) * image.to(images.dtype)
     return images
@@ -409,6 +413,10 @@ def generate(
     output_type: str = "np",
     resize_mode: str = "stretch",
     nonfinite: str = "raise",
+    tome_ratio: float = 0.0,
+    deepcache_interval: int = 0,
+    attention_slice_size: int | None = None,
+    vae_tiling: bool = False,
 ):
     """Make images from text (and optionally an image to start from and a mask of what to repaint).
 
@@ -440,6 +448,11 @@ def generate(
     when it changes their shape) or "crop" (scaled to cover, the centre kept).
     nonfinite: NaN/inf in any model's output or step stops the call with where it appeared ("raise"), or warns once
     ("warn", to debug). A call that fails leaves every model on the device it was on.
+    Speed-ups and memory savers (sd.speedups; README "Speed" says what each costs): tome_ratio (e.g. 0.5) merges
+    that fraction of the tokens of the top-level self-attention (Token Merging); deepcache_interval (e.g. 3) runs
+    the whole UNet only every that many calls and reuses its deep features in between (DeepCache); 0 turns either
+    off. attention_slice_size: queries per attention slice, for less memory; vae_tiling: decode (and encode) in
+    overlapping tiles, so large images fit in a few GB.
     """
     prompts, negatives = check_prompts(prompt, uncond_prompt, negative_prompt)
     check_models(models, needs_encoder=input_image is not None)
@@ -447,6 +460,7 @@ def generate(
     check_inputs(models, input_image, mask_image, strength, cfg_scale, height, width, num_images, seed, generator,
                  sampler_name, eta, guidance_fn, guidance_fn_scale, paste_back, output_type, tokenizer, resize_mode,
                  nonfinite)
+    speedups = Speedups(tome_ratio, deepcache_interval, attention_slice_size, vae_tiling)
     diffusion, decoder = models["diffusion"], models["decoder"]
     device = resolve_device(device, default=model_device(diffusion))
     idle_device = None if idle_device is None else resolve_device(idle_device)
@@ -478,7 +492,7 @@ def generate(
             context, tokens = encode_prompt(clip, tokenizer, prompts, negatives, do_cfg, device, dtype, finite)
         with on_device(models.get("encoder") if image is not None else None, device, idle_device) as encoder:
             start = prepare_latents(encoder, sampler, randn, latent_shape, image, mask, strength,
-                                    is_inpainting_unet(diffusion), finite)
+                                    is_inpainting_unet(diffusion), finite, vae_tiling)
         noise_model = make_noise_model(diffusion, context, do_cfg, cfg_scale, start.unet_extra, finite)
         if guidance_fn is not None:
             scale = GUIDANCE_FN_SCALE if guidance_fn_scale is None else guidance_fn_scale
@@ -488,8 +502,9 @@ def generate(
         recording = contextlib.nullcontext() if attention_maps is None else \
             attention_maps.recording(diffusion, slice(B, 2 * B) if do_cfg else slice(0, B), tokens[-B:], tokenizer)
         with on_device(diffusion, device, idle_device), \
-                on_device(decoder if guidance_fn is not None else None, device, None), recording:
+                on_device(decoder if guidance_fn is not None else None, device, None), recording, \
+                speedups.applied(models):
             latents = denoise(sampler, start, noise_model, callback, progress, sampler_name, finite)
         with on_device(decoder, device, idle_device):
-            images = decode(decoder, latents, *((image, mask) if paste_back else (None, None)), finite)
+            images = decode(decoder, latents, *((image, mask) if paste_back else (None, None)), finite, vae_tiling)
     return to_output(images, output_type, batched=not isinstance(prompt, str) or num_images > 1)

@@ -36,6 +36,18 @@ def test_generate_writes_a_png_with_parameters(checkpoint, tmp_path, capsys):
     assert np.array_equal(np.asarray(Image.open(again)), np.asarray(image))
 
 
+@pytest.mark.parametrize("native_bf16,expected", [(True, "bfloat16"), (False, "float32")])
+def test_the_default_dtype_is_the_fast_one_and_sd_says_which(checkpoint, tmp_path, capsys, monkeypatch,
+                                                              native_bf16, expected):
+    """--dtype auto by default: bfloat16 on a CPU with native bf16, float32 on one without."""
+    import sd.devices
+
+    monkeypatch.setattr(sd.devices, "cpu_has_native_bf16", lambda: native_bf16)
+    code = main(["generate", "a cat", "-o", str(tmp_path / "cat.png"), "--checkpoint", str(checkpoint),
+                 "--device", "cpu", "--steps", "2", "--quiet"])
+    assert code == 0 and f"on cpu in {expected}," in capsys.readouterr().err
+
+
 def test_preview_file_is_written_during_generation(checkpoint, tmp_path, monkeypatch):
     import sd.cli
 
@@ -388,3 +400,27 @@ def test_a_ctrl_c_that_a_library_turns_into_another_error_still_reads_as_one(mon
     assert main(["generate", "a cat"]) == 130
     assert capsys.readouterr().err == "sd: interrupted\n"
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_speedups_are_options_and_are_written_in_the_image(checkpoint, tmp_path):
+    out = tmp_path / "fast.png"
+    code = main(["generate", "a cat", "-o", str(out), "--checkpoint", str(checkpoint), "--steps", "4", "--seed", "3",
+                 "--tome", "--deepcache", "--attention-slice-size", "64", "--vae-tiling", "--quiet"])
+    params = parse_a1111_parameters(Image.open(out).text["parameters"])
+    assert code == 0 and params["Token merging ratio"] == "0.5" and params["DeepCache interval"] == "3"
+    plain = tmp_path / "plain.png"
+    main(["generate", "a cat", "-o", str(plain), "--checkpoint", str(checkpoint), "--steps", "4", "--seed", "3",
+          "--tome", "0", "--deepcache", "1", "--quiet"])
+    assert "Token merging ratio" not in Image.open(plain).text["parameters"]
+
+
+@pytest.mark.parametrize("option,message", [
+    (["--tome", "1"], "tome_ratio must be a finite number in [0, 1) (0: off, e.g. 0.5), got 1.0"),
+    (["--deepcache", "-3"], "deepcache_interval must be a whole number of UNet calls >= 0"),
+    (["--attention-slice-size", "-1"], "attention_slice_size must be a positive number of query tokens"),
+])
+def test_bad_speedup_options_are_refused_before_loading(tmp_path, capsys, option, message):
+    code = main(["generate", "a cat", "-o", str(tmp_path / "x.png"), "--checkpoint", str(tmp_path / "none.ckpt"),
+                 *option])
+    err = capsys.readouterr().err
+    assert code == 1 and message in err and "none.ckpt" not in err.split("error:")[1]  # before the missing file
