@@ -22,6 +22,7 @@ CLIP_PREFIXES = ("cond_stage_model.transformer.text_model.", "cond_stage_model.t
 VAE_PREFIX = "first_stage_model."
 UNET_PREFIX = "model.diffusion_model."
 EMA_PREFIX = "model_ema."
+CONV_KERNEL_DIMS = 4  # (out, in, kh, kw): the tensors a memory format applies to
 
 # Keys no model needs: the DDPM schedule (our samplers compute it), CLIP's position ids, the EMA's bookkeeping.
 IGNORED_KEYS = frozenset({
@@ -172,15 +173,18 @@ def plan_conversion(checkpoint: Mapping, models: Mapping[str, nn.Module], use_em
 
 
 def load_from_standard_weights(checkpoint: Mapping, models: Mapping[str, nn.Module], dtype: torch.dtype = torch.float32,
-                               device: torch.device | str = "cpu", use_ema: bool = True) -> dict[str, dict]:
+                               device: torch.device | str = "cpu", use_ema: bool = True,
+                               memory_format: torch.memory_format = torch.contiguous_format) -> dict[str, dict]:
     """Our four state dicts from a checkpoint in the original layout (key -> tensor, or an sd.checkpoint_io.Checkpoint,
     which then lets go of each tensor's file pages once read). models may be on the meta device: only their structure
-    is used. Each parameter is allocated once, fresh, in `dtype`, and filled from its key(s), q, k, v side by side."""
+    is used. Each parameter is allocated once, fresh, in `dtype` (convolution kernels in `memory_format`), and filled
+    from its key(s), q, k, v side by side."""
     state_dicts = {}
     for name, plan in plan_conversion(checkpoint, models, use_ema).items():
         state_dicts[name] = {}
         for rule, sources in plan:
-            param = torch.empty(rule.shape, dtype=dtype)
+            layout = memory_format if len(rule.shape) == CONV_KERNEL_DIMS else torch.contiguous_format
+            param = torch.empty(rule.shape, dtype=dtype, memory_format=layout)
             for part, key in zip(param.chunk(len(sources)), sources):
                 part.view(checkpoint[key].shape).copy_(checkpoint[key])  # copy_ converts the dtype
                 if isinstance(checkpoint, Checkpoint):

@@ -198,12 +198,12 @@ def preload_models_from_standard_weights(ckpt_path: str | os.PathLike, device: t
     identify(ckpt)
     configs = {**configs_from_checkpoint(ckpt), **(configs or {})}
     models = build_models(configs, device="meta")  # structure only: no memory until the weights arrive
-    state_dicts = load_from_standard_weights(ckpt, models, dtype=dtype, device=device, use_ema=use_ema)
+    state_dicts = load_from_standard_weights(ckpt, models, dtype=dtype, device=device, use_ema=use_ema,
+                                             memory_format=fast_memory_format(device, dtype))
     del ckpt  # the parameters are fresh memory: with the checkpoint goes the file's mapping
-    memory_format = fast_memory_format(device, dtype)
     for name, model in models.items():
         model.load_state_dict(state_dicts[name], strict=True, assign=True)
-        model.eval().to(memory_format=memory_format)  # the convolutions' weights: one copy at a time
+        model.eval()
     return models
 
 

@@ -113,6 +113,34 @@ def test_every_sampler_matches_diffusers_end_to_end(tiny, reference, sampler, mo
     assert np.abs(pixels(ours) - diffusers_pixels(theirs)).max() <= 1
 
 
+def test_in_bf16_ours_is_as_close_to_fp32_as_diffusers_bf16_is(tiny, reference):
+    """Same seed, same picture in bf16 too: with the same bf16 weights, our image is at least as close to the fp32
+    image as diffusers' bf16 image is (ours keeps the latents and the sampler in float32, diffusers keeps them in
+    bf16), and so within twice that distance of diffusers' bf16 image."""
+    import copy
+
+    from diffusers import StableDiffusionPipeline
+
+    models, _, _ = tiny
+    half = {name: copy.deepcopy(model).to(torch.bfloat16) for name, model in models.items()}
+    components = {k: copy.deepcopy(v).to(torch.bfloat16) if isinstance(v, torch.nn.Module) else v
+                  for k, v in reference[0].components.items()}
+    pipe = StableDiffusionPipeline(**{**components, "scheduler": diffusers_scheduler("dpmpp_2m_karras", STEPS)})
+    pipe.set_progress_bar_config(disable=True)
+    fp32_pipe = StableDiffusionPipeline(**{**reference[0].components,
+                                           "scheduler": diffusers_scheduler("dpmpp_2m_karras", STEPS)})
+    fp32_pipe.set_progress_bar_config(disable=True)
+    common = dict(num_inference_steps=STEPS, height=H, width=W, output_type="np")
+    theirs_fp32 = diffusers_pixels(fp32_pipe(PROMPTS, generator=torch.Generator().manual_seed(4), **common))
+    theirs_bf16 = diffusers_pixels(pipe(PROMPTS, generator=torch.Generator().manual_seed(4), **common))
+    ours_bf16 = pixels(generate(PROMPTS, models=half, seed=4, n_inference_steps=STEPS, height=H, width=W,
+                                sampler_name="dpmpp_2m_karras", progress=False, output_type="pil"))
+    theirs_error = np.abs(theirs_bf16 - theirs_fp32).mean()
+    assert theirs_error > 0  # bf16 rounds: the comparison means something
+    assert np.abs(ours_bf16 - theirs_fp32).mean() <= theirs_error
+    assert np.abs(ours_bf16 - theirs_bf16).mean() <= 2 * theirs_error
+
+
 def test_num_images_per_prompt_matches_diffusers(tiny, reference):
     models, _, _ = tiny
     ours = generate("a cat", models=models, num_images=2, seed=3, n_inference_steps=3, height=H, width=W, progress=False,
