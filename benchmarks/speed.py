@@ -43,6 +43,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # tests/reference.py: random weights and the diffusers / transformers references
 
+from full_size_load import vm_hwm  # noqa: E402  (benchmarks/: beside this file)
 from sd.devices import resolve_device  # noqa: E402
 from sd.model_converter import CLIP_PREFIXES, EMA_PREFIX, UNET_PREFIX, VAE_PREFIX  # noqa: E402
 from sd.model_loader import preload_models_from_standard_weights, save_standard_weights  # noqa: E402
@@ -77,15 +78,6 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
-
-def vm_hwm() -> int:
-    """Peak RSS of this process (reset by exec, so a fresh subprocess's own), in bytes."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024  # the file reports kB
-    raise RuntimeError("no VmHWM in /proc/self/status (this benchmark needs Linux)")
 
 
 def machine(device: torch.device) -> dict:

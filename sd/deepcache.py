@@ -4,8 +4,9 @@ No tutorial counterpart. Reference: Ma, Fang & Wang 2023, "DeepCache: Accelerati
 (arXiv 2312.00858), section 3.2 and its uniform 1:N strategy. Adjacent steps change the UNet's high-level features
 little, while the skip connection of its first, highest-resolution blocks carries the detail that does change. So
 every `interval`-th call (and the first WHOLE_FIRST) runs the whole UNet and keeps the feature map that its last
-`branch + 1` decoder blocks start from; each call in between runs only the first `branch + 1` encoder blocks (conv_in and `branch` blocks of
-the top level) and those decoder blocks, on the kept feature: most of the UNet is skipped.
+`branch + 1` decoder blocks start from; each call in between runs only the first `branch + 1` encoder blocks
+(conv_in and `branch` blocks of the top level) and those decoder blocks, on the kept feature: most of the UNet is
+skipped (a shallow call of SD 1.5 takes 0.31x the time of a whole one: benchmarks/speedups.py).
 """
 
 import contextlib

@@ -33,7 +33,7 @@ from .samplers import make_sampler
 from .schedule import alpha_cumprod_at, make_alphas_cumprod, make_betas
 from .speedups import Speedups
 from .tokenizer import load_tokenizer, tokenize
-from .vae_tiling import decode_tiled, encode_tiled
+from .vae_tiling import DECODE_TILE, decode_tiled, encode_tiled
 
 GUIDANCE_FN_SCALE = 200.0  # the Hugging Face diffusion course's colour-loss scale, for the same x̂_0 nudge s·σ²·∇loss
 OUTPUT_TYPES = ("np", "pil")  # uint8 arrays as the tutorial returns, or PIL images as diffusers does
@@ -169,15 +169,22 @@ def check_inputs(models, input_image, mask_image, strength, cfg_scale, height, w
                         f"got {tokenizer!r:.80}")
 
 
-def check_size(models, height: int, width: int, batch: int, device: torch.device, dtype: torch.dtype) -> None:
+def check_size(models, height: int, width: int, batch: int, device: torch.device, dtype: torch.dtype,
+               tiled: bool = False) -> None:
     """Refuse an image that cannot fit in memory, before any work; warn about one far larger than the model knows.
-    The bound is a floor: the VAE decoder's activations at full resolution alone (the peak is several times it)."""
-    need = DECODER_LIVE_TENSORS * batch * models["decoder"].config.block_out_channels[0] * height * width \
-        * dtype.itemsize
+    The bound is a floor: the VAE decoder's activations at full resolution alone (the peak is several times it), or
+    with tiled, those of one tile (sd.vae_tiling) beside the float32 image."""
+    decoder = models["decoder"].config
+    area = height * width
+    if tiled:
+        area = min(area, (DECODE_TILE * decoder.downscale) ** 2)
+    need = DECODER_LIVE_TENSORS * batch * decoder.block_out_channels[0] * area * dtype.itemsize \
+        + (batch * decoder.image_channels * height * width * STATE_DTYPE.itemsize if tiled else 0)
     have = device_memory(device)
     check(have is None or need <= have,
           f"{batch} image(s) of {width}x{height} need at least {need / 2**30:.0f} GB in the VAE decoder alone, and "
-          f"{device} has {(have or 0) / 2**30:.0f} GB: make the images smaller or fewer")
+          f"{device} has {(have or 0) / 2**30:.0f} GB: make the images smaller or fewer"
+          + ("" if tiled else ", or decode in tiles (vae_tiling=True, sd: --vae-tiling)"))
     trained = (models["diffusion"].config.sample_size * models["decoder"].config.downscale) ** 2
     if height * width > LARGE_AREA * trained:
         warnings.warn(f"{width}x{height} is {height * width / trained:.0f} times the area this model was trained at "
@@ -468,7 +475,7 @@ def generate(
     prompts = [p for p in prompts for _ in range(num_images)]
     negatives = [n for n in negatives for _ in range(num_images)]
     B = len(prompts)
-    check_size(models, height, width, B, device, model_dtype(decoder))
+    check_size(models, height, width, B, device, model_dtype(decoder), vae_tiling)
     generator = make_generator(seed, generator)
     # Cheap, and checks the sampler's name, step count (cut to strength) and options: still before any model runs.
     sampler = make_sampler(sampler_name, generator, n_inference_steps, strength if input_image is not None else None,

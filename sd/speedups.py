@@ -16,11 +16,12 @@ from .checks import check
 from .deepcache import INTERVAL as DEEPCACHE_INTERVAL, check_interval, deep_cache
 from .tome import RATIO as TOME_RATIO, check_ratio, merged_tokens
 
-TOME_SEED = 0            # Token Merging's random destinations: the same for every call, so a seed keeps its image
+TOME_SEED = 0  # Token Merging's random destinations: the same for every call, so a seed keeps its image
 
 
 @dataclass(frozen=True)
 class Speedups:
+    """generate()'s speed-up options, checked as they are made; applied() puts them on the models for a block."""
     tome_ratio: float = 0.0               # fraction of the top-level self-attention's tokens merged; 0 = off
     deepcache_interval: int = 0           # recompute the UNet's deep features every this many calls; 0 or 1 = off
     attention_slice_size: int | None = None  # queries per attention slice; None = all at once

@@ -125,8 +125,9 @@ def test_sliced_attention_is_exact_with_one_slice_and_close_with_many(models):
 
 
 def run(models, **options):
+    options = {"height": 32, "width": 32, **options}
     return generate(["a red circle", "a blue square"], models=models, seed=5, n_inference_steps=6,
-                    sampler_name="dpmpp_2m_karras", height=32, width=32, progress=False, **options)
+                    sampler_name="dpmpp_2m_karras", progress=False, **options)
 
 
 def test_generate_with_every_speedup_off_gives_the_same_image(models):
@@ -160,3 +161,22 @@ def test_generate_refuses_bad_speedup_values_before_any_work(models, options, me
     monkeypatch.setattr(sd.pipeline, "encode_prompt", lambda *a: pytest.fail("the text encoder ran"))
     with pytest.raises(ValueError, match=message):
         run(models, **options)
+
+
+def test_an_image_too_large_to_decode_at_once_is_accepted_in_tiles(models, monkeypatch):
+    """The memory check knows the tiled VAE holds one tile's activations: a size refused untiled (with the advice
+    to tile) passes with vae_tiling, and one too large even for the image itself is still refused."""
+    import sd.pipeline
+
+    monkeypatch.setattr(sd.pipeline, "device_memory", lambda device: 2**30)  # a 1 GB machine
+    def encode_prompt(*args):
+        raise RuntimeError("the text encoder ran")
+
+    monkeypatch.setattr(sd.pipeline, "encode_prompt", encode_prompt)
+    big = dict(height=4096, width=4096)
+    with pytest.raises(ValueError, match=r"need at least .* or decode in tiles \(vae_tiling=True, sd: --vae-tiling\)"):
+        run(models, **big)
+    with pytest.raises(RuntimeError, match="the text encoder ran"), pytest.warns(UserWarning, match="times the area"):
+        run(models, vae_tiling=True, **big)  # past the memory check: the work would start
+    with pytest.raises(ValueError, match=r"need at least 6 GB .* make the images smaller or fewer$"):
+        run(models, vae_tiling=True, height=16384, width=16384)  # the float32 image alone: 2 x 3 GB
