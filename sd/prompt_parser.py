@@ -1,4 +1,5 @@
-"""AUTOMATIC1111's prompt syntax: emphasis `(word:1.3)`, `(word)`, `[word]`, and `BREAK`.
+"""AUTOMATIC1111's prompt syntax: emphasis `(word:1.3)`, `(word)`, `[word]`, `BREAK`, and prompt editing
+`[from:to:when]` / alternation `[a|b]`.
 
 No tutorial counterpart (the tutorial encodes the prompt as plain text). The behaviour is AUTOMATIC1111's
 (stable-diffusion-webui, modules/prompt_parser.py: parse_prompt_attention), written anew from its documented
@@ -6,6 +7,9 @@ examples: `(x)` multiplies the attention to x by 1.1, `[x]` divides it by 1.1, `
 multiplies, `\\(` `\\)` `\\[` `\\]` and `\\\\` are the literal characters, an unclosed bracket still applies to the
 end of the prompt, a stray `)` or `]` is text, and `BREAK` starts a new 75-token chunk. One difference: a BREAK
 inside brackets stays a BREAK here (AUTOMATIC1111 multiplies its marker's weight too, and then no longer sees it).
+Prompt editing follows get_learned_conditioning_prompt_schedules (its lark grammar, here a small recursive parser):
+`[to:when]`, `[from:to:when]`, `[from::when]` with `when` below 1 a fraction of the steps, else a step number (its
+"old scheduling"), and `[a|b]` the next option at every step; what is not one of these stays text.
 """
 
 import re
@@ -90,3 +94,129 @@ def _merged(result: list[list]) -> list[list]:
         else:
             merged.append([text, weight])
     return merged
+
+
+# --- prompt editing: [from:to:when], [to:when], [from::when] and alternation [a|b] ---------------------------------
+
+_NUMBER = re.compile(r"\s*([+-]?(?:\d+\.?\d*|\.\d+))\s*$")
+
+
+class _Schedule:
+    """[before:after:when]: `before` (a node list, or None for nothing) up to step `when`, `after` from then on."""
+
+    def __init__(self, before, after, when: float):
+        self.before, self.after, self.when = before, after, when
+
+
+class _Alternate:
+    """[a|b|...]: option (step - 1) % n at each step."""
+
+    def __init__(self, options):
+        self.options = options
+
+
+class _Brackets:
+    """( ... ) or [ ... ] that is emphasis: kept as text around what it holds, for parse_prompt_attention."""
+
+    def __init__(self, open_: str, inner, close: str):
+        self.open, self.inner, self.close = open_, inner, close
+
+
+def _parse(text: str, i: int, stops: str) -> tuple[list, int]:
+    """Nodes (strings and the classes above) from text[i] up to an unescaped character of `stops` at this depth."""
+    nodes: list = []
+    while i < len(text) and text[i] not in stops:
+        c = text[i]
+        if c == "\\" and i + 1 < len(text):
+            nodes.append(text[i:i + 2])  # kept escaped: parse_prompt_attention reads the escape
+            i += 2
+        elif c in "([":
+            node, end = (_parse_round if c == "(" else _parse_square)(text, i)
+            nodes.append(node if node is not None else c)  # no closing bracket: the character is text
+            i = end if node is not None else i + 1
+        else:
+            nodes.append(c)
+            i += 1
+    return nodes, i
+
+
+def _parse_round(text: str, i: int):
+    inner, end = _parse(text, i + 1, ")")
+    if end >= len(text):
+        return None, i
+    return _Brackets("(", inner, ")"), end + 1
+
+
+def _parse_square(text: str, i: int):
+    """What follows "[": a schedule, an alternation or emphasis; (None, i) if it is none of them."""
+    parts, seps, j = [], [], i + 1
+    while True:
+        part, j = _parse(text, j, ":|]")
+        parts.append(part)
+        if j >= len(text):
+            return None, i
+        seps.append(text[j])
+        j += 1
+        if seps[-1] == "]":
+            break
+    if seps == ["]"]:
+        return _Brackets("[", parts[0], "]"), j
+    if set(seps[:-1]) == {"|"}:
+        return _Alternate(parts), j
+    segments = [[]]  # split at the colons only: in a schedule a "|" is text
+    for part, sep in zip(parts, seps):
+        segments[-1].extend(part)
+        if sep == "|":
+            segments[-1].append(sep)
+        elif sep == ":":
+            segments.append([])
+    when = _NUMBER.match("".join(p for p in segments[-1] if isinstance(p, str)))
+    if len(segments) in (2, 3) and when and all(isinstance(p, str) for p in segments[-1]):
+        before = segments[0] if len(segments) == 3 else None
+        return _Schedule(before, segments[-2], float(when.group(1))), j
+    return None, i
+
+
+def _steps(nodes, steps: int, found: set) -> None:
+    """Every step at which some part of the prompt changes."""
+    for node in nodes:
+        if isinstance(node, _Schedule):
+            node.step = min(steps, int(node.when * steps if node.when < 1 else node.when))
+            if node.step >= 1:
+                found.add(node.step)
+            for part in (node.before or [], node.after):
+                _steps(part, steps, found)
+        elif isinstance(node, _Alternate):
+            found.update(range(1, steps + 1))
+            for option in node.options:
+                _steps(option, steps, found)
+        elif isinstance(node, _Brackets):
+            _steps(node.inner, steps, found)
+
+
+def _text_at(nodes, step: int) -> str:
+    out = []
+    for node in nodes:
+        if isinstance(node, _Schedule):
+            out.append(_text_at(node.before or [], step) if step <= node.step else _text_at(node.after, step))
+        elif isinstance(node, _Alternate):
+            out.append(_text_at(node.options[(step - 1) % len(node.options)], step))
+        elif isinstance(node, _Brackets):
+            out.append(node.open + _text_at(node.inner, step) + node.close)
+        else:
+            out.append(node)
+    return "".join(out)
+
+
+def prompt_schedules(prompt: str, steps: int) -> list[list]:
+    """[[end_step, text], ...]: the prompt as it reads up to each end step (AUTOMATIC1111's
+    get_learned_conditioning_prompt_schedules for one prompt). `when` below 1 is a fraction of the steps, else a
+    step number. For 10 steps, `a [b:3]` gives [[3, 'a '], [10, 'a b']]; `[a|b]` alternates every step."""
+    if not isinstance(prompt, str):
+        raise TypeError(f"a prompt must be a string, got {type(prompt).__name__}")
+    if not (isinstance(steps, int) and not isinstance(steps, bool) and steps > 0):
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    nodes, _ = _parse(prompt, 0, "")
+    found = {steps}
+    _steps(nodes, steps, found)
+    return [[step, _text_at(nodes, step)] for step in sorted(found)]

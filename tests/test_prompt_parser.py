@@ -46,3 +46,44 @@ def test_edge_cases(prompt, expected):
 def test_a_non_string_is_refused():
     with pytest.raises(TypeError, match="a prompt must be a string, got int"):
         parse_prompt_attention(3)
+
+
+@pytest.mark.parametrize("prompt,expected", [
+    ("test", [[10, "test"]]),
+    ("a [b:3]", [[3, "a "], [10, "a b"]]),
+    ("a [b: 3]", [[3, "a "], [10, "a b"]]),
+    ("a [[[b]]:2]", [[2, "a "], [10, "a [[b]]"]]),
+    ("[(a:2):3]", [[3, ""], [10, "(a:2)"]]),
+    ("a [b : c : 1] d", [[1, "a b  d"], [10, "a  c  d"]]),
+    ("a[b:[c:d:2]:1]e", [[1, "abe"], [2, "ace"], [10, "ade"]]),
+    ("a [unbalanced", [[10, "a [unbalanced"]]),
+    ("a [b:.5] c", [[5, "a  c"], [10, "a b c"]]),
+    ("a [{b|d{:.5] c", [[5, "a  c"], [10, "a {b|d{ c"]]),
+    ("((a][:b:c [d:3]", [[3, "((a][:b:c "], [10, "((a][:b:c d"]]),
+    ("[a|(b:1.1)]", [[1, "a"], [2, "(b:1.1)"], [3, "a"], [4, "(b:1.1)"], [5, "a"], [6, "(b:1.1)"], [7, "a"],
+                     [8, "(b:1.1)"], [9, "a"], [10, "(b:1.1)"]]),
+    ("[fe|]male", [[1, "female"], [2, "male"], [3, "female"], [4, "male"], [5, "female"], [6, "male"],
+                   [7, "female"], [8, "male"], [9, "female"], [10, "male"]]),
+    ("[fe|||]male", [[1, "female"], [2, "male"], [3, "male"], [4, "male"], [5, "female"], [6, "male"], [7, "male"],
+                     [8, "male"], [9, "female"], [10, "male"]]),
+    ("a [b::4] c", [[4, "a b c"], [10, "a  c"]]),
+    ("[b:20]", [[10, ""]]),
+])
+def test_prompt_editing_schedules_as_automatic1111_documents_them(prompt, expected):
+    from sd.prompt_parser import prompt_schedules
+
+    assert prompt_schedules(prompt, 10) == expected
+
+
+def test_prompt_editing_leaves_emphasis_and_escapes_for_the_attention_parser():
+    from sd.prompt_parser import prompt_schedules
+
+    assert prompt_schedules("(a [b:c:5]:1.2) \\[d:2\\]", 10) == [[5, "(a b:1.2) \\[d:2\\]"], [10, "(a c:1.2) \\[d:2\\]"]]
+
+
+@pytest.mark.parametrize("steps", [0, -1, 2.5, True])
+def test_prompt_schedules_refuses_bad_step_counts(steps):
+    from sd.prompt_parser import prompt_schedules
+
+    with pytest.raises(ValueError, match="steps must be a positive integer"):
+        prompt_schedules("a [b:3]", steps)
