@@ -14,6 +14,8 @@ Prompt editing follows get_learned_conditioning_prompt_schedules (its lark gramm
 
 import re
 
+import torch
+
 EMPHASIS = 1.1  # what one pair of round brackets multiplies by (and square brackets divide by)
 BREAK = ["BREAK", -1]  # the marker parse_prompt_attention gives for BREAK, as AUTOMATIC1111's
 
@@ -220,3 +222,65 @@ def prompt_schedules(prompt: str, steps: int) -> list[list]:
     found = {steps}
     _steps(nodes, steps, found)
     return [[step, _text_at(nodes, step)] for step in sorted(found)]
+
+
+# --- 75-token chunks --------------------------------------------------------------------------------------------
+
+CHUNK_TOKENS = 75  # text tokens per chunk: with <|startoftext|> and <|endoftext|>, CLIP's 77
+COMMA_BACKTRACK = 20  # a chunk that fills up moves back to its last comma if it lies within this many tokens
+COMMA = ",</w>"
+
+
+class _Chunks:
+    """Chunks of (ids, weights) being filled, as AUTOMATIC1111's tokenize_line fills them."""
+
+    def __init__(self, bos: int, eos: int):
+        self.bos, self.eos = bos, eos
+        self.done: list[tuple[list, list]] = []
+        self.ids, self.weights, self.last_comma = [], [], -1
+
+    def close(self) -> None:
+        """End the chunk: <|startoftext|>, its tokens, <|endoftext|> padding to 75, <|endoftext|>."""
+        pad = CHUNK_TOKENS - len(self.ids)
+        self.done.append(([self.bos] + self.ids + [self.eos] * (pad + 1), [1.0] + self.weights + [1.0] * (pad + 1)))
+        self.ids, self.weights, self.last_comma = [], [], -1
+
+    def add(self, token: int, weight: float, comma: int) -> None:
+        if token == comma:
+            self.last_comma = len(self.ids)
+        elif len(self.ids) == CHUNK_TOKENS and self.last_comma != -1 \
+                and len(self.ids) - self.last_comma <= COMMA_BACKTRACK:
+            cut = self.last_comma + 1  # what follows the comma moves to the next chunk
+            ids, weights = self.ids[cut:], self.weights[cut:]
+            self.ids, self.weights = self.ids[:cut], self.weights[:cut]
+            self.close()
+            self.ids, self.weights = ids, weights
+        if len(self.ids) == CHUNK_TOKENS:
+            self.close()
+        self.ids.append(token)
+        self.weights.append(weight)
+
+
+def tokenize_chunks(prompt: str, tokenizer=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A prompt in AUTOMATIC1111's syntax -> (ids, weights), each (k, 77): 75 tokens a chunk between
+    <|startoftext|> and <|endoftext|>, padded with <|endoftext|>, a chunk that fills up cut at its last comma when
+    it lies within 20 tokens, BREAK starting a new one; each fragment tokenized on its own, its tokens at its weight.
+    A plain prompt of up to 75 tokens gives exactly sd.tokenize's ids, at weight 1."""
+    from .tokenizer import BOS_ID, EOS_ID, clean_prompt, load_tokenizer
+
+    tokenizer = tokenizer or load_tokenizer()
+    comma = tokenizer.convert_tokens_to_ids(COMMA)
+    parsed = parse_prompt_attention(prompt)
+    chunks = _Chunks(BOS_ID, EOS_ID)
+    texts = [clean_prompt(text) for text, _ in parsed]
+    for (text, weight), ids in zip(parsed, tokenizer(texts, add_special_tokens=False, verbose=False).input_ids):
+        if [text, weight] == BREAK:
+            chunks.close()
+            continue
+        for token in ids:
+            chunks.add(token, weight, comma)
+    if chunks.ids or not chunks.done:
+        chunks.close()
+    ids = torch.tensor([c[0] for c in chunks.done], dtype=torch.long)  # (k, 77)
+    weights = torch.tensor([c[1] for c in chunks.done], dtype=torch.float32)  # (k, 77)
+    return ids, weights

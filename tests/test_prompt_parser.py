@@ -1,6 +1,7 @@
 """sd.prompt_parser against AUTOMATIC1111's documented behaviour (the examples of its parse_prompt_attention)."""
 
 import pytest
+import torch
 
 from sd.prompt_parser import parse_prompt_attention
 
@@ -87,3 +88,56 @@ def test_prompt_schedules_refuses_bad_step_counts(steps):
 
     with pytest.raises(ValueError, match="steps must be a positive integer"):
         prompt_schedules("a [b:3]", steps)
+
+
+def test_a_plain_prompt_gives_exactly_todays_ids_at_weight_one():
+    from sd.prompt_parser import tokenize_chunks
+    from sd.tokenizer import tokenize
+
+    for prompt in ("a red circle on a blue background", "", "Ünïcode &amp; “quotes”, 3 cats"):
+        ids, weights = tokenize_chunks(prompt)
+        assert torch.equal(ids, tokenize(prompt)) and torch.equal(weights, torch.ones(1, 77))
+
+
+def test_emphasis_weights_each_fragments_tokens():
+    from sd.prompt_parser import tokenize_chunks
+    from sd.tokenizer import load_tokenizer
+
+    ids, weights = tokenize_chunks("a (red:1.5) [fox]")
+    words = load_tokenizer().convert_ids_to_tokens(ids[0, 1:4].tolist())
+    assert words == ["a</w>", "red</w>", "fox</w>"] and ids[0, 4] == 49407
+    assert torch.allclose(weights[0, :5], torch.tensor([1.0, 1.0, 1.5, 1 / 1.1, 1.0]))
+
+
+def test_long_prompts_are_cut_into_chunks_at_the_last_comma():
+    """A 200-token prompt: 75-token chunks, each <|startoftext|> ... <|endoftext|>; where a chunk fills up within 20
+    tokens of a comma, what follows the comma starts the next chunk."""
+    from sd.prompt_parser import tokenize_chunks
+
+    words = ", ".join(["red fox"] * 66)  # "red fox ," 3 tokens each: 197 tokens and commas every third
+    ids, weights = tokenize_chunks(words)
+    assert ids.shape == (3, 77) and weights.shape == (3, 77)
+    assert (ids[:, 0] == 49406).all() and (ids[:, -1] == 49407).all()
+    comma = 267
+    # The chunk fills at 75 tokens; its last comma is its 75th token (index 74): nothing follows it to move.
+    first = ids[0, 1:76].tolist()
+    assert first[-1] == comma and 49407 not in first
+    flat = [t for row in ids.tolist() for t in row[1:76] if t != 49407]
+    assert len(flat) == 197 and flat.count(comma) == 65
+
+
+def test_a_chunk_that_fills_mid_phrase_moves_the_phrase_to_the_next():
+    from sd.prompt_parser import tokenize_chunks
+
+    prompt = "a " * 70 + ", b c d e f g h i j"  # 70 tokens, a comma (71st), then 9 words: the 76th token needs a cut
+    ids, _ = tokenize_chunks(prompt)
+    first, second = ids[0, 1:76].tolist(), ids[1, 1:76].tolist()
+    assert first[:71].count(267) == 1 and first[70] == 267 and set(first[71:]) == {49407}  # cut after the comma
+    assert len([t for t in second if t != 49407]) == 9
+
+
+def test_break_starts_a_new_chunk():
+    from sd.prompt_parser import tokenize_chunks
+
+    ids, _ = tokenize_chunks("a cat BREAK a dog")
+    assert ids.shape == (2, 77) and ids[0, 3] == 49407 and ids[1, 3] == 49407
