@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .attention import SelfAttention
-from .checks import check, check_config_fields
+from .checks import check, check_config_fields, is_int
 
 @dataclass(frozen=True)
 class CLIPConfig:
@@ -79,13 +79,20 @@ class CLIP(nn.Module):
         self.layers = nn.ModuleList([CLIPLayer(cfg) for _ in range(cfg.n_layers)])
         self.layernorm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens: integer ids (B, T) with T <= n_tokens -> hidden states (B, T, d_model)."""
+    def forward(self, tokens: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
+        """tokens: integer ids (B, T) with T <= n_tokens -> hidden states (B, T, d_model).
+
+        clip_skip in AUTOMATIC1111's meaning: 1 = the last layer's output (SD 1.5's), 2 = the one before it (what
+        anime fine-tunes were trained on), ...; the final LayerNorm follows either way. diffusers counts from 0:
+        its clip_skip=1 is this clip_skip=2."""
         if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"CLIP expects integer token ids of shape (B, T), got {tuple(tokens.shape)} {tokens.dtype}")
         if tokens.shape[1] > self.config.n_tokens:
             raise ValueError(f"CLIP takes at most {self.config.n_tokens} tokens per prompt, got {tokens.shape[1]}")
+        n_layers = self.config.n_layers
+        check(is_int(clip_skip) and 1 <= clip_skip <= n_layers,
+              f"clip_skip must be a whole number from 1 (the last layer) to {n_layers}, got {clip_skip!r}")
         x = self.embedding(tokens.long())  # (B, T, D)
-        for layer in self.layers:
+        for layer in self.layers[:n_layers - (clip_skip - 1)]:
             x = layer(x)
         return self.layernorm(x)

@@ -85,6 +85,31 @@ def test_clip_matches_transformers(loaded, batch):
     assert_close(ours["clip"](tokens), ref(input_ids=tokens).last_hidden_state)
 
 
+@pytest.mark.parametrize("clip_skip", [1, 2])
+@torch.no_grad()
+def test_clip_skip_matches_transformers_hidden_states_and_diffusers_reading(loaded, clip_skip):
+    """AUTOMATIC1111's clip_skip N: the output of the N-th layer from the end, then the final LayerNorm. diffusers'
+    clip_skip counts one less: its StableDiffusionPipeline.encode_prompt takes hidden_states[-(clip_skip + 1)] and
+    the final LayerNorm (its own code cannot run here: it reads text_encoder.text_model, which transformers 5's
+    CLIPTextModel no longer has), so its clip_skip=1 is our clip_skip=2."""
+    ours, checkpoint, configs = loaded
+    cfg = configs["clip"]
+    ref = transformers_clip(cfg, checkpoint)
+    tokens = torch.randint(0, cfg.vocab_size, (2, cfg.n_tokens), generator=torch.Generator().manual_seed(5))
+    hidden_states = ref(input_ids=tokens, output_hidden_states=True).hidden_states
+    final_layer_norm = ref.text_model.final_layer_norm if hasattr(ref, "text_model") else ref.final_layer_norm
+    a1111 = final_layer_norm(hidden_states[-clip_skip])
+    assert_close(ours["clip"](tokens, clip_skip=clip_skip), a1111)  # = diffusers' clip_skip=clip_skip - 1
+    assert not torch.allclose(ours["clip"](tokens, clip_skip=2), ours["clip"](tokens))
+
+
+@pytest.mark.parametrize("clip_skip", [0, 3, 1.5, True, None])
+def test_bad_clip_skip_is_refused(loaded, clip_skip):
+    ours, _, configs = loaded
+    with pytest.raises(ValueError, match=r"clip_skip must be a whole number from 1 \(the last layer\) to 2, got"):
+        ours["clip"](torch.zeros(1, 77, dtype=torch.long), clip_skip=clip_skip)
+
+
 @torch.no_grad()
 def test_unet_batch_entries_are_independent(loaded):
     """Each entry of a batch gives what it gives alone: nothing leaks across the batch."""
