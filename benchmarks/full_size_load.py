@@ -10,12 +10,10 @@ Units: GB = 10^9 bytes; RSS from /proc/self/status (VmRSS) and getrusage (ru_max
 
 import argparse
 import gc
-import json
 import os
 import platform
 import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,6 +25,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # tests/reference.py: random weights and the diffusers / transformers references
 
+from children import child_main, in_subprocess  # noqa: E402  (benchmarks/children.py)
 from sd.model_converter import CLIP_PREFIXES, UNET_PREFIX, VAE_PREFIX, to_standard_weights  # noqa: E402
 from sd.model_loader import preload_models_from_standard_weights, save_standard_weights  # noqa: E402
 
@@ -35,7 +34,6 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 FILE_NAMES = {"safetensors": "sd15-random.safetensors", "ckpt": "sd15-random.ckpt"}
 FP32_TARGET = 1.3             # (peak - baseline) / file size that loading in fp32 should stay under
 TINY_RTOL = 1e-5              # the bound tests/test_parity.py asserts at tiny size
-CHILD_MARK = "@@result "      # prefix of the one stdout line a measuring subprocess reports on
 
 
 # ------------------------------------------------------------------------------------------------
@@ -141,20 +139,6 @@ def child_naive(path: str, dtype: str) -> dict:
 CHILDREN = {"write": child_write, "ours": child_ours, "naive": child_naive}
 
 
-def in_subprocess(child: str, env: dict | None = None, **kwargs) -> dict:
-    """Run one child function in a fresh interpreter (this script with --child), so that its memory is its own."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", child, json.dumps(kwargs)]
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=REPO, env={**os.environ, **(env or {})})
-    lines = proc.stdout.splitlines()
-    results = [ln for ln in lines if ln.startswith(CHILD_MARK)]
-    for line in lines:
-        if not line.startswith(CHILD_MARK):
-            print(line, flush=True)
-    if proc.returncode or not results:
-        raise RuntimeError(f"subprocess failed (exit {proc.returncode}): {' '.join(cmd)}")
-    return json.loads(results[-1][len(CHILD_MARK):])
-
-
 def measure_memory(paths: dict[str, Path]) -> list[dict]:
     # Both formats are mapped (safe_open; torch.load(mmap=True)); each tensor is copied into its fresh parameter,
     # converting to fp16 on the way, and its pages released (sd.checkpoint_io.Checkpoint.release), so the peak is
@@ -164,7 +148,7 @@ def measure_memory(paths: dict[str, Path]) -> list[dict]:
             ("naive", "safetensors", "fp32", None)]
     rows = []
     for method, fmt, dtype, env in runs:
-        r = in_subprocess(method, env=env, path=str(paths[fmt]), dtype=dtype)
+        r = in_subprocess(__file__, method, env=env, path=str(paths[fmt]), dtype=dtype)
         if abs(r["peak"] - r["hwm"]) > 0.02 * r["peak"]:
             print(f"  warning: ru_maxrss {r['peak'] / GB:.2f} GB but VmHWM {r['hwm'] / GB:.2f} GB; ru_maxrss "
                   f"includes the parent's RSS at fork, so the parent was too large for a clean measurement")
@@ -323,8 +307,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     if args.child:  # a subprocess started by in_subprocess
-        name, kwargs = args.child
-        print(CHILD_MARK + json.dumps(CHILDREN[name](**json.loads(kwargs))), flush=True)
+        child_main(CHILDREN, *args.child)
         return
 
     start = time.perf_counter()
@@ -347,7 +330,7 @@ def main(argv=None) -> None:
         if args.reuse and all(p.exists() for p in paths.values()):
             print(f"  reusing {', '.join(str(p) for p in paths.values())}")
         else:
-            in_subprocess("write", safetensors=str(paths["safetensors"]), ckpt=str(paths["ckpt"]), seed=args.seed)
+            in_subprocess(__file__, "write", safetensors=str(paths["safetensors"]), ckpt=str(paths["ckpt"]), seed=args.seed)
         sizes = {fmt: p.stat().st_size for fmt, p in paths.items()}
         for fmt, size in sizes.items():
             print(f"  {paths[fmt].name}: {size / GB:.3f} GB")

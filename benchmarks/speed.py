@@ -25,12 +25,10 @@ Units: seconds (time.perf_counter); GB = 10^9 bytes; pixel differences in 8-bit 
 import argparse
 import gc
 import inspect
-import json
 import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,7 +41,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # tests/reference.py: random weights and the diffusers / transformers references
 
-from full_size_load import vm_hwm  # noqa: E402  (benchmarks/: beside this file)
+from children import child_main, in_subprocess  # noqa: E402  (benchmarks/: beside this file)
+from full_size_load import vm_hwm  # noqa: E402
 from sd.devices import resolve_device  # noqa: E402
 from sd.model_converter import CLIP_PREFIXES, EMA_PREFIX, UNET_PREFIX, VAE_PREFIX  # noqa: E402
 from sd.model_loader import preload_models_from_standard_weights, save_standard_weights  # noqa: E402
@@ -62,7 +61,6 @@ ACCELERATIONS = {"tome_ratio": 0.5, "deepcache_interval": 3}  # generate()'s ToM
 # DPMSolverMultistepScheduler our dpmpp_2m_karras matches step for step there.
 SD15_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                       steps_offset=1, use_karras_sigmas=True, algorithm_type="dpmsolver++")
-CHILD_MARK = "@@result "       # prefix of the one stdout line a subprocess reports on
 
 
 # ------------------------------------------------------------------------------------------------
@@ -188,20 +186,6 @@ def child_memory(path: str, device: str, size: int, steps: int, seed: int, threa
 
 
 CHILDREN = {"write": child_write, "memory": child_memory}
-
-
-def in_subprocess(child: str, **kwargs) -> dict:
-    """One child function in a fresh interpreter (this script with --child): its memory is its own."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", child, json.dumps(kwargs)]
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=REPO)
-    lines = proc.stdout.splitlines()
-    for line in lines:
-        if not line.startswith(CHILD_MARK):
-            print(line, flush=True)
-    results = [ln for ln in lines if ln.startswith(CHILD_MARK)]
-    if proc.returncode or not results:
-        raise RuntimeError(f"subprocess failed (exit {proc.returncode}): {' '.join(cmd)}")
-    return json.loads(results[-1][len(CHILD_MARK):])
 
 
 def half_dtype(device: torch.device) -> torch.dtype:
@@ -397,8 +381,7 @@ def parse_args(argv=None):
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.child:  # a subprocess started by in_subprocess
-        name, kwargs = args.child
-        print(CHILD_MARK + json.dumps(CHILDREN[name](**json.loads(kwargs))), flush=True)
+        child_main(CHILDREN, *args.child)
         return
 
     start_s = time.perf_counter()
@@ -427,12 +410,12 @@ def main(argv=None) -> None:
                     raise SystemExit(f"{workdir} has {free / GB:.1f} GB free; the random checkpoint takes 4.3 GB. "
                                      f"Pass --workdir on a larger disk.")
                 print("== writing a full-size random-weight checkpoint", flush=True)
-                in_subprocess("write", path=str(path), seed=args.seed)
+                in_subprocess(__file__, "write", path=str(path), seed=args.seed)
 
         if not (args.skip_image or args.skip_memory):
             # First, while this process is small and the CPU otherwise idle.
             print(f"== peak memory of our {dtype_name(half)} generation (fresh process)", flush=True)
-            memory = in_subprocess("memory", path=str(path), device=str(device), size=args.size, steps=args.steps,
+            memory = in_subprocess(__file__, "memory", path=str(path), device=str(device), size=args.size, steps=args.steps,
                                    seed=args.seed, threads=args.threads)
             print(f"  VmHWM {memory['hwm'] / GB:.2f} GB", flush=True)
 

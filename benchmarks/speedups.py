@@ -52,7 +52,7 @@ def main() -> None:
             model(latents, context, 500)  # a shallow one
             return time.perf_counter() - start
 
-    kinds = {"plain": plain, f"ToMe {TOME_RATIO}": tome, f"DeepCache shallow call": shallow,
+    kinds = {"plain": plain, f"ToMe {TOME_RATIO}": tome, "DeepCache shallow call": shallow,
              f"ToMe {TOME_RATIO} + DeepCache shallow call": lambda: shallow(TOME_RATIO)}
     times = {name: [] for name in kinds}
     with torch.inference_mode():
@@ -73,7 +73,7 @@ def main() -> None:
         "plain": args.steps * median["plain"],
         f"ToMe {TOME_RATIO}": args.steps * median[f"ToMe {TOME_RATIO}"],
         f"DeepCache {DEEPCACHE_INTERVAL}": whole * median["plain"] + shallow_calls * median["DeepCache shallow call"],
-        f"both": whole * median[f"ToMe {TOME_RATIO}"]
+        "both": whole * median[f"ToMe {TOME_RATIO}"]
         + shallow_calls * median[f"ToMe {TOME_RATIO} + DeepCache shallow call"],
     }
     print(f"\nUNet time of a {args.steps}-step image (DeepCache: {whole} whole calls, {shallow_calls} shallow):\n")

@@ -10,10 +10,8 @@ Units: GB = 10^9 bytes; peak RSS is VmHWM from /proc/self/status (Linux), baseli
 """
 
 import argparse
-import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,12 +23,12 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # tests/reference.py: random weights
 
+from children import child_main, in_subprocess  # noqa: E402  (benchmarks/children.py)
 from sd.decoder import VAEConfig  # noqa: E402
 from sd.vae_tiling import DECODE_OVERLAP, DECODE_TILE, decode_tiled, tile_starts  # noqa: E402
 
 GB = 1e9
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-CHILD_MARK = "@@result "  # prefix of the one stdout line a measuring subprocess reports on
 EMBEDDED_SIZE = 256       # pixels: 64x64 latents for the embedded model (downscale 4), 4x its training size
 EMBEDDED_TILINGS = ((48, 16), (32, 8), (16, 4))  # (tile, overlap) in latents: 2x2, 3x3 and 5x5 tiles
 AMPLIFY = 10              # the difference picture shows 10 x |tiled - untiled|
@@ -69,20 +67,11 @@ def child_decode(size: int, dtype: str, tiled: bool, threads: int) -> dict:
             "finite": bool(torch.isfinite(image).all())}
 
 
-def in_subprocess(**kwargs) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(kwargs)]
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=REPO)
-    results = [ln for ln in proc.stdout.splitlines() if ln.startswith(CHILD_MARK)]
-    if proc.returncode or not results:
-        raise RuntimeError(f"subprocess failed (exit {proc.returncode}): {' '.join(cmd)}")
-    return json.loads(results[-1][len(CHILD_MARK):])
-
-
 def measure_full_size(size: int, threads: int) -> list[dict]:
     rows = []
     for dtype in DTYPES:
         for tiled in (False, True):
-            r = in_subprocess(size=size, dtype=dtype, tiled=tiled, threads=threads)
+            r = in_subprocess(__file__, "decode", size=size, dtype=dtype, tiled=tiled, threads=threads)
             r.update(dtype=dtype, tiled=tiled)
             rows.append(r)
             if r["build_peak"] >= r["peak"]:
@@ -160,10 +149,10 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the embedded model's generation")
     parser.add_argument("--skip-full-size", action="store_true", help="only the embedded-model comparison")
     parser.add_argument("--skip-embedded", action="store_true", help="only the full-size memory and time")
-    parser.add_argument("--child", metavar="KWARGS_JSON", help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=2, metavar=("NAME", "KWARGS_JSON"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:  # a subprocess started by in_subprocess
-        print(CHILD_MARK + json.dumps(child_decode(**json.loads(args.child))), flush=True)
+        child_main({"decode": child_decode}, *args.child)
         return
 
     full = embedded = []
