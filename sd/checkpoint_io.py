@@ -65,8 +65,10 @@ _SAFETENSORS_MAX_HEADER = 100_000_000  # the limit the safetensors library itsel
 _LEGACY_MAGIC = (0x1950A86A20F9469CFC6C).to_bytes(10, "little")  # torch/serialization.py: MAGIC_NUMBER (pre-1.6)
 
 
-def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Open a .safetensors or torch-zip .ckpt file: its tensors' names, shapes and dtypes, and its metadata."""
+def open_checkpoint(path: str | os.PathLike, nested: bool = False) -> Checkpoint:
+    """Open a .safetensors or torch-zip .ckpt file: its tensors' names, shapes and dtypes, and its metadata.
+    nested: a pickle's tensors inside nested dicts count too, named by their path ("string_to_param.*", as an
+    AUTOMATIC1111 embedding keeps them); else only a flat dict's (or its "state_dict"'s) tensors do."""
     path = pathlib.Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}. Checkpoints go in weights/ (e.g. weights/v1-5-pruned-"
@@ -80,7 +82,7 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
 
     # By content, not by extension: a .ckpt renamed .safetensors still loads.
     if head.startswith(_ZIP_MAGIC):
-        return _open_ckpt(path)
+        return _open_ckpt(path, nested)
     if head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= _SAFETENSORS_MAX_HEADER:  # u64 size, JSON header
         return _open_safetensors(path)
     if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):  # PROTO opcode: a bare pickle
@@ -164,7 +166,7 @@ class _Placeholder:
         pass
 
 
-def _open_ckpt(path: pathlib.Path) -> Checkpoint:
+def _open_ckpt(path: pathlib.Path, nested: bool = False) -> Checkpoint:
     _check_zip(path)
     stand_ins = _stand_ins(path)
     try:
@@ -175,7 +177,20 @@ def _open_ckpt(path: pathlib.Path) -> Checkpoint:
             obj = torch.load(load_path, weights_only=True, mmap=True, map_location="cpu")
     except Exception as e:  # UnpicklingError, EOFError or IndexError on a cut pickle, RuntimeError from set_ ...
         raise CheckpointError(f"{path}: {_pickle_problem(e)}") from None
-    return Checkpoint(path, "ckpt", _state_dict(obj, path), _ckpt_metadata(obj))
+    return Checkpoint(path, "ckpt", _state_dict(_flattened(obj) if nested else obj, path), _ckpt_metadata(obj))
+
+
+def _flattened(obj: object, prefix: str = "") -> object:
+    """A dict of dicts as one flat dict, keys joined by dots; anything else as it is."""
+    if not isinstance(obj, dict):
+        return obj
+    flat = {}
+    for key, value in obj.items():
+        if isinstance(value, dict) and isinstance(key, str):
+            flat.update(_flattened(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}" if isinstance(key, str) else key] = value
+    return flat
 
 
 def _ckpt_metadata(obj: object) -> dict[str, str]:

@@ -38,13 +38,35 @@ class CLIPConfig:
 class CLIPEmbedding(nn.Module):
     def __init__(self, cfg: CLIPConfig):
         super().__init__()
+        self.vocab_size = cfg.vocab_size
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.d_model)
         # Learned positions, one vector per slot of the 77-token window.
         self.position_embedding = nn.Parameter(torch.zeros(cfg.n_tokens, cfg.d_model))
+        # Textual-inversion vectors (sd.embeddings.load_embedding), by token: ids from vocab_size on stand for them,
+        # in this order. Not parameters: the checkpoint's state dict stays the model's own.
+        self.embeddings: dict[str, torch.Tensor] = {}
+        self.embedding_hashes: dict[str, str] = {}  # token -> the file's short sha256, for the image's parameters
+
+    def add_embedding(self, token: str, vectors: torch.Tensor, short_hash: str = "") -> None:
+        self.embeddings[token] = vectors
+        self.embedding_hashes[token] = short_hash
+
+    def embedding_ids(self) -> dict[str, range]:
+        """token -> the ids its vectors take in token id tensors (what sd.prompt_parser.tokenize_chunks writes)."""
+        ids, start = {}, self.vocab_size
+        for token, vectors in self.embeddings.items():
+            ids[token] = range(start, start + vectors.shape[0])
+            start += vectors.shape[0]
+        return ids
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         T = tokens.shape[1]
-        return self.token_embedding(tokens) + self.position_embedding[:T]  # (B, T, D)
+        x = self.token_embedding(tokens.clamp(max=self.vocab_size - 1))  # (B, T, D)
+        if self.embeddings:
+            table = torch.cat(list(self.embeddings.values())).to(x.device, x.dtype)  # (n_vectors, D)
+            extra = tokens >= self.vocab_size
+            x = torch.where(extra[..., None], table[(tokens - self.vocab_size).clamp(0, len(table) - 1)], x)
+        return x + self.position_embedding[:T]  # (B, T, D)
 
 
 class QuickGELU(nn.Module):
@@ -87,6 +109,10 @@ class CLIP(nn.Module):
         its clip_skip=1 is this clip_skip=2."""
         if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"CLIP expects integer token ids of shape (B, T), got {tuple(tokens.shape)} {tokens.dtype}")
+        n_ids = self.config.vocab_size + sum(len(v) for v in self.embedding.embeddings.values())
+        if tokens.numel() and not (tokens.min() >= 0 and tokens.max() < n_ids):
+            raise ValueError(f"CLIP token ids must lie in 0 .. {n_ids - 1} (the vocabulary and the loaded "
+                             f"embeddings' vectors), got {tokens.min().item()} .. {tokens.max().item()}")
         if tokens.shape[1] > self.config.n_tokens:
             raise ValueError(f"CLIP takes at most {self.config.n_tokens} tokens per prompt, got {tokens.shape[1]}")
         n_layers = self.config.n_layers

@@ -17,6 +17,7 @@ import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -25,14 +26,17 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .checks import NonFiniteError, check, is_finite_number, is_int
+from .conditioning import Conditioning
 from .ddpm import NoiseModel
 from .devices import model_device, model_dtype, resolve_device, restored_on_failure, run_in_dtype
+from .embeddings import embedding_names
 from .images import RESIZE_MODES, image_to_tensor, mask_to_tensor, oriented_size
 from .inspect.attention_maps import AttentionMaps
 from .samplers import make_sampler
 from .schedule import alpha_cumprod_at, make_alphas_cumprod, make_betas
 from .speedups import Speedups
-from .tokenizer import load_tokenizer, tokenize
+from .prompt_parser import PROMPT_SYNTAXES
+from .tokenizer import load_tokenizer
 from .vae_tiling import DECODE_TILE, decode_tiled, encode_tiled
 
 GUIDANCE_FN_SCALE = 200.0  # the Hugging Face diffusion course's colour-loss scale, for the same x̂_0 nudge s·σ²·∇loss
@@ -251,11 +255,31 @@ def on_device(model, device, idle_device):
 # --- stage 2: text -> context ----------------------------------------------------------------------------------
 
 
-def encode_prompt(clip, tokenizer, prompts: list[str], negatives: list[str], do_cfg: bool, device, dtype,
-                  finite: FiniteCheck = FiniteCheck()):
-    """(context (2B or B, 77, d_context), token ids): with CFG the unconditional half goes first, as in diffusers."""
-    tokens = tokenize(negatives + prompts if do_cfg else prompts, tokenizer).to(device)  # (2B or B, 77)
-    return finite(clip(tokens).to(dtype), "the text encoder (models['clip'])"), tokens
+def check_prompt_options(clip, clip_skip, prompt_syntax: str) -> None:
+    """clip_skip within the text encoder's layers, prompt_syntax one of PROMPT_SYNTAXES."""
+    n_layers = clip.config.n_layers
+    check(is_int(clip_skip) and 1 <= clip_skip <= n_layers,
+          f"clip_skip must be a whole number from 1 (the last layer) to {n_layers}, got {clip_skip!r}")
+    check(prompt_syntax in PROMPT_SYNTAXES,
+          f"prompt_syntax must be one of {', '.join(PROMPT_SYNTAXES)}, got {prompt_syntax!r}")
+
+
+def encode_prompt(models, prompts: str | list[str], clip_skip: int = 1, prompt_syntax: str = "a1111",
+                  tokenizer=None, *, steps: int = 1, step: int = 1) -> torch.Tensor:
+    """Prompts -> the context (B, 77·k, d_context) the UNet attends to, on the text encoder's device and dtype.
+
+    prompt_syntax "a1111" (the default): AUTOMATIC1111's emphasis (word:1.3), BREAK and 75-token chunks, each chunk
+    through CLIP on its own and the outputs laid end to end (sd.conditioning), all prompts padded to the most chunks
+    with the empty prompt's; "plain": the text as written, cut after 75 tokens (diffusers'). A plain prompt of up to
+    75 tokens gives exactly clip(tokenize(prompt)): (B, 77, d). clip_skip: AUTOMATIC1111's (1 = the last layer,
+    2 = the one before it; diffusers' clip_skip is one less). Prompt editing ([from:to:when], [a|b]) is resolved to
+    the text of sampler step `step` of `steps`; generate() encodes every step's text (once each)."""
+    clip = models["clip"] if isinstance(models, Mapping) else models
+    prompts = _prompt_list(prompts, "prompts")
+    check_prompt_options(clip, clip_skip, prompt_syntax)
+    check(is_int(steps) and steps > 0 and is_int(step) and 1 <= step <= steps,
+          f"step must be a whole number from 1 to steps={steps!r}, got {step!r}")
+    return Conditioning(clip, prompts, steps, tokenizer or load_tokenizer(), clip_skip, prompt_syntax).at(step)
 
 
 # --- stage 3: the latents sampling starts from ------------------------------------------------------------------
@@ -306,13 +330,16 @@ def prepare_latents(encoder, sampler, randn: Callable, latent_shape: tuple[int, 
 # --- stage 4: the noise prediction the sampler calls -------------------------------------------------------------
 
 
-def make_noise_model(diffusion, context: torch.Tensor, do_cfg: bool, cfg_scale: float,
+def make_noise_model(diffusion, context: torch.Tensor | Conditioning, do_cfg: bool, cfg_scale: float,
                      unet_extra: torch.Tensor | None = None, finite: FiniteCheck = FiniteCheck()) -> NoiseModel:
-    """ε̂(x, t): the UNet on the prompts' context, with classifier-free guidance; the 9-channel inpainting UNet gets
-    the mask and masked-image latents appended to its input."""
+    """ε̂(x, t): the UNet on the prompts' context (a tensor, or a Conditioning whose .context the loop moves from
+    step to step), with classifier-free guidance; the 9-channel inpainting UNet gets the mask and masked-image
+    latents appended to its input."""
+    conditioning = context if isinstance(context, Conditioning) else SimpleNamespace(context=context)
 
     # The messages are functions, made only on a failure: float(t) of a GPU tensor would wait for the GPU every call.
     def unet(x_in: torch.Tensor, t) -> torch.Tensor:  # in the UNet's dtype; the sampler gets float32
+        context = conditioning.context
         return finite(diffusion(x_in.to(context.dtype), context, t).float(),
                       lambda: f"the UNet (models['diffusion']) at timestep {float(t):g}, "
                               f"on latents as large as {x_in.abs().max().item():.3g},")
@@ -355,11 +382,15 @@ def with_guidance_fn(noise_model: NoiseModel, decoder, loss_fn: Callable, scale:
 
 
 def denoise(sampler, start: Start, noise_model: NoiseModel, callback: Callable | None = None,
-            progress: bool = True, desc: str | None = None, finite: FiniteCheck = FiniteCheck()) -> torch.Tensor:
-    """One sampler step per timestep, from start.latents to the clean latents (B, C, h, w)."""
+            progress: bool = True, desc: str | None = None, finite: FiniteCheck = FiniteCheck(),
+            conditioning: Conditioning | None = None) -> torch.Tensor:
+    """One sampler step per timestep, from start.latents to the clean latents (B, C, h, w). conditioning: moved to
+    each step's context before the step (prompt editing)."""
     latents = start.latents
     n = len(sampler.timesteps)
     for i, t in enumerate(tqdm(sampler.timesteps.tolist(), disable=not progress, desc=desc)):
+        if conditioning is not None:
+            conditioning.at(i + 1)
         latents = finite(sampler.step(i, latents, noise_model),
                          f"the {desc or 'sampler'} step {i + 1} of {n} (t={t:g})")
         if start.blend_mask is not None:
@@ -424,6 +455,8 @@ def generate(
     deepcache_interval: int = 0,
     attention_slice_size: int | None = None,
     vae_tiling: bool = False,
+    clip_skip: int = 1,
+    prompt_syntax: str = "a1111",
 ):
     """Make images from text (and optionally an image to start from and a mask of what to repaint).
 
@@ -460,6 +493,11 @@ def generate(
     the whole UNet only every that many calls and reuses its deep features in between (DeepCache); 0 turns either
     off. attention_slice_size: queries per attention slice, for less memory; vae_tiling: decode (and encode) in
     overlapping tiles, so large images fit in a few GB.
+    Prompts (sd.conditioning, sd.prompt_parser): prompt_syntax "a1111" (the default) reads AUTOMATIC1111's syntax:
+    emphasis (word:1.3), (word), [word]; BREAK; prompts past 75 tokens in chunks; prompt editing [from:to:when] and
+    [a|b], whose texts are each encoded once; "plain" takes the text as written, cut at 75 tokens (diffusers').
+    clip_skip: 1 = CLIP's last layer (SD 1.5's), 2 = the one before it (what many fine-tunes expect).
+    Textual-inversion embeddings loaded into models (sd.load_embedding) are used wherever a prompt names them.
     """
     prompts, negatives = check_prompts(prompt, uncond_prompt, negative_prompt)
     check_models(models, needs_encoder=input_image is not None)
@@ -467,6 +505,7 @@ def generate(
     check_inputs(models, input_image, mask_image, strength, cfg_scale, height, width, num_images, seed, generator,
                  sampler_name, eta, guidance_fn, guidance_fn_scale, paste_back, output_type, tokenizer, resize_mode,
                  nonfinite)
+    check_prompt_options(models["clip"], clip_skip, prompt_syntax)
     speedups = Speedups(tome_ratio, deepcache_interval, attention_slice_size, vae_tiling)
     diffusion, decoder = models["diffusion"], models["decoder"]
     device = resolve_device(device, default=model_device(diffusion))
@@ -496,22 +535,25 @@ def generate(
 
     with torch.inference_mode(), restored_on_failure(models):
         with on_device(models["clip"], device, idle_device) as clip:
-            context, tokens = encode_prompt(clip, tokenizer, prompts, negatives, do_cfg, device, dtype, finite)
+            conditioning = Conditioning(clip, negatives + prompts if do_cfg else prompts, len(sampler.timesteps),
+                                        tokenizer, clip_skip, prompt_syntax, finite, dtype)
         with on_device(models.get("encoder") if image is not None else None, device, idle_device) as encoder:
             start = prepare_latents(encoder, sampler, randn, latent_shape, image, mask, strength,
                                     is_inpainting_unet(diffusion), finite, vae_tiling)
-        noise_model = make_noise_model(diffusion, context, do_cfg, cfg_scale, start.unet_extra, finite)
+        noise_model = make_noise_model(diffusion, conditioning, do_cfg, cfg_scale, start.unet_extra, finite)
         if guidance_fn is not None:
             scale = GUIDANCE_FN_SCALE if guidance_fn_scale is None else guidance_fn_scale
             alphas_cumprod = make_alphas_cumprod(make_betas(sampler.n_training_steps))
             noise_model = with_guidance_fn(noise_model, decoder, guidance_fn, scale, alphas_cumprod, finite)
         # Attention maps: hooks only while sampling, on the conditional half of the UNet's batch under CFG.
-        recording = contextlib.nullcontext() if attention_maps is None else \
-            attention_maps.recording(diffusion, slice(B, 2 * B) if do_cfg else slice(0, B), tokens[-B:], tokenizer)
+        recording = contextlib.nullcontext() if attention_maps is None else attention_maps.recording(
+            diffusion, slice(B, 2 * B) if do_cfg else slice(0, B),
+            lambda: conditioning.token_ids(len(sampler.timesteps))[-B:], tokenizer, embedding_names(models["clip"]))
         with on_device(diffusion, device, idle_device), \
                 on_device(decoder if guidance_fn is not None else None, device, None), recording, \
                 speedups.applied(models):
-            latents = denoise(sampler, start, noise_model, callback, progress, sampler_name, finite)
+            latents = denoise(sampler, start, noise_model, callback, progress, sampler_name, finite,
+                              conditioning if conditioning.changes else None)
         with on_device(decoder, device, idle_device):
             images = decode(decoder, latents, *((image, mask) if paste_back else (None, None)), finite, vae_tiling)
     return to_output(images, output_type, batched=not isinstance(prompt, str) or num_images > 1)

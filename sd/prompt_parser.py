@@ -12,12 +12,18 @@ Prompt editing follows get_learned_conditioning_prompt_schedules (its lark gramm
 "old scheduling"), and `[a|b]` the next option at every step; what is not one of these stays text.
 """
 
+import math
 import re
+import warnings
+from collections.abc import Mapping
 
 import torch
 
+from .checks import check
+
 EMPHASIS = 1.1  # what one pair of round brackets multiplies by (and square brackets divide by)
 BREAK = ["BREAK", -1]  # the marker parse_prompt_attention gives for BREAK, as AUTOMATIC1111's
+PROMPT_SYNTAXES = ("a1111", "plain")  # AUTOMATIC1111's syntax (the default), or the text as written (diffusers')
 
 _TOKENS = re.compile(r"""
     \\[()\[\]\\]              # an escaped bracket or backslash: the character itself
@@ -231,11 +237,14 @@ COMMA_BACKTRACK = 20  # a chunk that fills up moves back to its last comma if it
 COMMA = ",</w>"
 
 
+MAX_CHUNKS = 32  # 2400 tokens: far past any real prompt; more would only make every cross-attention slower
+
+
 class _Chunks:
     """Chunks of (ids, weights) being filled, as AUTOMATIC1111's tokenize_line fills them."""
 
-    def __init__(self, bos: int, eos: int):
-        self.bos, self.eos = bos, eos
+    def __init__(self, bos: int, eos: int, comma: int | None):
+        self.bos, self.eos, self.comma = bos, eos, comma  # comma None: never move a cut back (plain prompts)
         self.done: list[tuple[list, list]] = []
         self.ids, self.weights, self.last_comma = [], [], -1
 
@@ -245,8 +254,8 @@ class _Chunks:
         self.done.append(([self.bos] + self.ids + [self.eos] * (pad + 1), [1.0] + self.weights + [1.0] * (pad + 1)))
         self.ids, self.weights, self.last_comma = [], [], -1
 
-    def add(self, token: int, weight: float, comma: int) -> None:
-        if token == comma:
+    def add(self, token: int, weight: float) -> None:
+        if token == self.comma:
             self.last_comma = len(self.ids)
         elif len(self.ids) == CHUNK_TOKENS and self.last_comma != -1 \
                 and len(self.ids) - self.last_comma <= COMMA_BACKTRACK:
@@ -260,27 +269,104 @@ class _Chunks:
         self.ids.append(token)
         self.weights.append(weight)
 
+    def add_vectors(self, ids: range, weight: float) -> None:
+        """A textual-inversion embedding's vectors, all in one chunk (a new one if they don't fit in this)."""
+        if len(self.ids) + len(ids) > CHUNK_TOKENS:
+            self.close()
+        self.ids.extend(ids)
+        self.weights.extend([weight] * len(ids))
 
-def tokenize_chunks(prompt: str, tokenizer=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def finish(self) -> list[tuple[list, list]]:
+        if self.ids or not self.done:
+            self.close()
+        return self.done
+
+
+def _embedding_lookup(embeddings: Mapping[str, range], tokenizer) -> dict[int, list[tuple[tuple, range]]]:
+    """first token id of each embedding's name -> [(the name's ids, the embedding's vector ids)], longest first,
+    so a prompt's tokens are matched as AUTOMATIC1111 matches them (the name tokenized as any other word)."""
+    from .tokenizer import clean_prompt
+
+    lookup: dict[int, list[tuple[tuple, range]]] = {}
+    names = list(embeddings)
+    for name, ids in zip(names, tokenizer([clean_prompt(n) for n in names], add_special_tokens=False,
+                                          verbose=False).input_ids if names else []):
+        lookup.setdefault(ids[0], []).append((tuple(ids), embeddings[name]))
+    for matches in lookup.values():
+        matches.sort(key=lambda m: -len(m[0]))
+    return lookup
+
+
+def _add_fragment(chunks: _Chunks, ids: list[int], weight: float, lookup: dict) -> None:
+    """One fragment's tokens into the chunks, an embedding's name replaced by its vectors."""
+    i = 0
+    while i < len(ids):
+        match = next((m for m in lookup.get(ids[i], []) if tuple(ids[i:i + len(m[0])]) == m[0]), None)
+        if match is None:
+            chunks.add(ids[i], weight)
+            i += 1
+        else:
+            chunks.add_vectors(match[1], weight)
+            i += len(match[0])
+
+
+def tokenize_chunks(prompt: str, tokenizer=None, embeddings: Mapping[str, range] | None = None,
+                    syntax: str = "a1111") -> tuple[torch.Tensor, torch.Tensor]:
     """A prompt in AUTOMATIC1111's syntax -> (ids, weights), each (k, 77): 75 tokens a chunk between
     <|startoftext|> and <|endoftext|>, padded with <|endoftext|>, a chunk that fills up cut at its last comma when
     it lies within 20 tokens, BREAK starting a new one; each fragment tokenized on its own, its tokens at its weight.
-    A plain prompt of up to 75 tokens gives exactly sd.tokenize's ids, at weight 1."""
+    A plain prompt of up to 75 tokens gives exactly sd.tokenize's ids, at weight 1.
+    embeddings: textual-inversion names -> the ids that stand for their vectors (sd.embeddings); where a name
+    appears, its vectors take its place, never split across two chunks.
+    syntax "plain": no emphasis, BREAK or chunks: the text as written, cut after 75 tokens with a warning (what
+    diffusers does), so (1, 77)."""
     from .tokenizer import BOS_ID, EOS_ID, clean_prompt, load_tokenizer
 
+    check(syntax in PROMPT_SYNTAXES, f"prompt_syntax must be one of {', '.join(PROMPT_SYNTAXES)}, got {syntax!r}")
     tokenizer = tokenizer or load_tokenizer()
-    comma = tokenizer.convert_tokens_to_ids(COMMA)
-    parsed = parse_prompt_attention(prompt)
-    chunks = _Chunks(BOS_ID, EOS_ID)
+    plain = syntax == "plain"
+    parsed = [[prompt, 1.0]] if plain else parse_prompt_attention(prompt)
+    chunks = _Chunks(BOS_ID, EOS_ID, None if plain else tokenizer.convert_tokens_to_ids(COMMA))
+    lookup = _embedding_lookup(embeddings or {}, tokenizer)
     texts = [clean_prompt(text) for text, _ in parsed]
     for (text, weight), ids in zip(parsed, tokenizer(texts, add_special_tokens=False, verbose=False).input_ids):
         if [text, weight] == BREAK:
             chunks.close()
-            continue
-        for token in ids:
-            chunks.add(token, weight, comma)
-    if chunks.ids or not chunks.done:
-        chunks.close()
-    ids = torch.tensor([c[0] for c in chunks.done], dtype=torch.long)  # (k, 77)
-    weights = torch.tensor([c[1] for c in chunks.done], dtype=torch.float32)  # (k, 77)
+        else:
+            _add_fragment(chunks, ids, weight, lookup)
+    done = chunks.finish()
+    if plain and len(done) > 1:
+        dropped = [t for c in done[1:] for t in c[0] if t not in (BOS_ID, EOS_ID)]
+        warnings.warn(f"{len(dropped)} tokens dropped: a plain prompt (prompt_syntax='plain') is cut after "
+                      f"{CHUNK_TOKENS} tokens, as in diffusers; the default syntax takes longer prompts. Dropped: "
+                      f"{tokenizer.decode([t for t in dropped if t < len(tokenizer)])!r}", stacklevel=2)
+        done = done[:1]
+    check(len(done) <= MAX_CHUNKS, f"the prompt needs {len(done)} chunks of {CHUNK_TOKENS} tokens; at most "
+          f"{MAX_CHUNKS} ({MAX_CHUNKS * CHUNK_TOKENS} tokens) are taken: {prompt[:60]!r}...")
+    ids = torch.tensor([c[0] for c in done], dtype=torch.long)  # (k, 77)
+    weights = torch.tensor([c[1] for c in done], dtype=torch.float32)  # (k, 77)
     return ids, weights
+
+
+# --- extra networks: <lora:name:multiplier> -----------------------------------------------------------------------
+
+_EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")  # AUTOMATIC1111's extra_networks.re_extra_net
+EXTRA_NETWORKS = ("lora", "lyco")  # AUTOMATIC1111 reads <lyco:...> as a LoRA too
+
+
+def extra_networks(prompt: str) -> tuple[str, list[tuple[str, float]]]:
+    """(the prompt without its <lora:name:multiplier> tags, [(name, multiplier), ...]), as AUTOMATIC1111 reads them:
+    the multiplier is optional (1.0); other kinds of extra network (<hypernet:...>) are refused."""
+    found: list[tuple[str, float]] = []
+
+    def take(match: re.Match) -> str:
+        kind, args = match.group(1), match.group(2).split(":")
+        check(kind in EXTRA_NETWORKS, f"<{kind}:...> in the prompt: sd reads only <lora:name:multiplier> "
+              f"(and <lyco:...>); hypernetworks and other extra networks are not supported")
+        name, multiplier = args[0].strip(), args[1].strip() if len(args) > 1 else "1"
+        check(name != "" and _is_number(multiplier) and math.isfinite(float(multiplier)),
+              f"{match.group(0)!r} in the prompt: write <lora:NAME> or <lora:NAME:MULTIPLIER> with a number")
+        found.append((name, float(multiplier)))
+        return ""
+
+    return _EXTRA_NETWORK.sub(take, prompt), found

@@ -231,11 +231,19 @@ def test_callback_sees_every_step_and_inputs_stay_unchanged(tiny):
     assert start.tobytes() == before and prompts == ["a", "b"]
 
 
-def test_long_prompts_are_truncated_with_a_warning(tiny):
+def test_long_prompts_are_chunked_and_plain_ones_truncated_with_a_warning(tiny):
+    import warnings
+
+    from sd.pipeline import encode_prompt
+
     models, _, _ = tiny
-    with pytest.warns(UserWarning, match="truncated"):
-        generate("a cat " * 60, models=models, seed=0, n_inference_steps=1, height=H, width=W, progress=False,
-                 output_type="pil")
+    long = "a cat " * 60  # 120 tokens: two chunks
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert encode_prompt(models, long).shape == (1, 154, models["clip"].config.d_model)
+    with pytest.warns(UserWarning, match="45 tokens dropped"):
+        generate(long, models=models, seed=0, n_inference_steps=1, height=H, width=W, progress=False,
+                 output_type="pil", prompt_syntax="plain")
 
 
 def test_to_uint8_rounds():

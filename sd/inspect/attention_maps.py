@@ -11,7 +11,7 @@ The hooks recompute softmax(Q Kᵀ / √d_head) from the cross-attention's input
 the forward pass uses never materialises the attention weights.
 """
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -20,6 +20,7 @@ from torch import nn
 
 from ..attention import _split_heads
 from ..diffusion import UNET_AttentionBlock
+from ..tokenizer import CONTEXT_LENGTH
 
 START_TOKEN, END_TOKEN = "<|startoftext|>", "<|endoftext|>"
 WORD_END = "</w>"  # CLIP's BPE marks the last piece of a word so
@@ -87,38 +88,54 @@ def record_cross_attention(unet: nn.Module, rows: slice = slice(None)) -> Iterat
             handle.remove()
 
 
-def token_strings(ids: torch.Tensor, tokenizer) -> list[list[str]]:
-    """(B, 77) ids -> each prompt's tokens as text, start and end tokens included, padding left out."""
+def token_strings(ids: torch.Tensor, tokenizer, names: dict[int, str] | None = None,
+                  chunk: int = CONTEXT_LENGTH) -> tuple[list[list[str]], list[list[int]]]:
+    """(B, 77·k) ids -> each prompt's tokens as text, and the position of each in the context: every chunk of 77 from
+    its start token to its end token, padding left out. names: what ids past the vocabulary stand for (textual-
+    inversion vectors: the embedding's name, "name#2" for its second vector, ...)."""
     end_id = tokenizer.convert_tokens_to_ids(END_TOKEN)
-    result = []
+    names = names or {}
+    strings, positions = [], []
     for row in ids.tolist():
-        n = row.index(end_id) + 1 if end_id in row else len(row)
-        result.append([t.removesuffix(WORD_END) for t in tokenizer.convert_ids_to_tokens(row[:n])])
-    return result
+        text, where = [], []
+        for start in range(0, len(row), chunk):
+            part = row[start:start + chunk]
+            n = part.index(end_id) + 1 if end_id in part else len(part)
+            text += [names[t] if t in names else tokenizer.convert_ids_to_tokens(t).removesuffix(WORD_END)
+                     for t in part[:n]]
+            where += range(start, start + n)
+        strings.append(text)
+        positions.append(where)
+    return strings, positions
 
 
 class AttentionMaps:
     """What `generate(..., attention_maps=AttentionMaps())` fills in, one entry per generated image:
 
-    maps: (B, 77, h, w) float32 at the latents' size. maps[b, j, y, x] is how much latent pixel (y, x) attends to
-        token position j, averaged over heads, cross-attention layers (each resized to h x w) and sampler steps;
-        for each pixel it sums to 1 over the 77 positions (start token, prompt, end token and padding).
-        Under classifier-free guidance only the conditional (prompt) half is recorded.
-    tokens: tokens[b] is image b's prompt as tokens, from "<|startoftext|>" to "<|endoftext|>".
+    maps: (B, T, h, w) float32 at the latents' size, T = 77 per chunk of the prompt (77 for up to 75 tokens).
+        maps[b, j, y, x] is how much latent pixel (y, x) attends to context position j, averaged over heads,
+        cross-attention layers (each resized to h x w) and sampler steps; for each pixel it sums to 1 over the T
+        positions (start tokens, prompt, end tokens and padding). Under classifier-free guidance only the
+        conditional (prompt) half is recorded. With prompt editing: the tokens of the prompt at the last step.
+    tokens: tokens[b] is image b's prompt as tokens, from "<|startoftext|>" to "<|endoftext|>" (each chunk's).
+    positions: positions[b][i] is the context position (the index j into maps[b]) of tokens[b][i].
     """
 
     def __init__(self):
         self.maps: torch.Tensor | None = None
         self.tokens: list[list[str]] = []
+        self.positions: list[list[int]] = []
 
     @contextmanager
-    def recording(self, unet: nn.Module, rows: slice, ids: torch.Tensor, tokenizer) -> Iterator[None]:
+    def recording(self, unet: nn.Module, rows: slice, ids: torch.Tensor | Callable[[], torch.Tensor], tokenizer,
+                  names: dict[int, str] | None = None) -> Iterator[None]:
         """Fill maps and tokens from the cross-attention of every UNet call inside the block (what generate does).
-        rows: the UNet batch rows of the prompts whose token ids (B, 77) are `ids`."""
+        rows: the UNet batch rows of the prompts whose token ids (B, T) are `ids` (or what ids() gives at the end);
+        names: what ids past the vocabulary stand for (see token_strings)."""
         with record_cross_attention(unet, rows) as recorded:
             yield
         self.maps = recorded.mean().cpu()
-        self.tokens = token_strings(ids, tokenizer)
+        self.tokens, self.positions = token_strings(ids() if callable(ids) else ids, tokenizer, names)
 
     def _check_index(self, b: int) -> None:
         if self.maps is None:
@@ -129,8 +146,8 @@ class AttentionMaps:
     def words(self, b: int = 0) -> list[tuple[str, torch.Tensor]]:
         """[(token, map (h, w)), ...] for the prompt's own tokens of image b (start, end and padding left out)."""
         self._check_index(b)
-        tokens = self.tokens[b]
-        return [(tokens[j], self.maps[b, j]) for j in range(1, len(tokens) - 1)]
+        special = (START_TOKEN, END_TOKEN)
+        return [(token, self.maps[b, j]) for token, j in zip(self.tokens[b], self.positions[b]) if token not in special]
 
     def __len__(self) -> int:
         return len(self.tokens)
