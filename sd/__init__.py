@@ -15,6 +15,9 @@ The public API:
     sd.preload_models_from_standard_weights(path, device, dtype)  -> {"clip", "encoder", "decoder", "diffusion"}
     sd.save_standard_weights(models, path)
     sd.generate(prompt, ..., models=..., output_type="np" | "pil")  -> uint8 array(s), or a list of PIL images
+    sd.encode_prompt(models, prompts, clip_skip=1, prompt_syntax="a1111") -> the context (B, 77·k, 768)
+    sd.load_embedding(models, path, token=None)                  -> the token a prompt names it by
+    sd.apply_lora(models, path, multiplier=1.0)                   -> a handle; handle.remove() undoes it exactly
     sd.load_tokenizer(), sd.tokenize(prompts)                     -> CLIPTokenizer, token ids (B, 77)
     sd.AttentionMaps()          generate(..., attention_maps=...) fills it with per-token cross-attention maps
     sd.LatentPreview.for_models(models)(latents)                  -> cheap RGB previews of latents
@@ -24,13 +27,15 @@ The public API:
 
 from . import samplers
 from .checks import NonFiniteError
+from .embeddings import load_embedding
 from .inspect.attention_maps import AttentionMaps
 from .inspect.preview import LatentPreview
 from .model_loader import preload_models_from_standard_weights, save_standard_weights
-from .pipeline import generate
+from .lora import apply_lora
+from .pipeline import encode_prompt, generate
 from .tokenizer import load_tokenizer, tokenize
 
 __all__ = [
-    "AttentionMaps", "LatentPreview", "NonFiniteError", "generate", "load_tokenizer", "preload_models_from_standard_weights",
-    "samplers", "save_standard_weights", "tokenize",
+    "AttentionMaps", "LatentPreview", "NonFiniteError", "apply_lora", "encode_prompt", "generate", "load_embedding",
+    "load_tokenizer", "preload_models_from_standard_weights", "samplers", "save_standard_weights", "tokenize",
 ]

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import re
 import signal
 import sys
@@ -138,6 +139,19 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
                    help="attention on this many query tokens at a time: less memory, the same image")
     p.add_argument("--vae-tiling", action="store_true",
                    help="decode (and encode) in overlapping tiles: large images in a few GB")
+    p.add_argument("--clip-skip", type=int, default=1, metavar="N",
+                   help="use CLIP's N-th layer from the end (AUTOMATIC1111's Clip skip; 2 for many anime fine-tunes)")
+    p.add_argument("--plain-prompt", action="store_true",
+                   help="take the prompt as written: no (emphasis:1.2), [editing:when], BREAK or <lora:...>, cut at "
+                        "75 tokens (diffusers' reading)")
+    p.add_argument("--embedding", type=Path, action="append", default=[], metavar="PATH",
+                   help="a textual-inversion embedding (.pt, .safetensors, .bin); the prompt names it by the file's "
+                        "stem (repeatable)")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:MULT]",
+                   help="merge a LoRA (kohya, LoCon, LoHa or diffusers/PEFT file) at multiplier MULT (default 1) "
+                        "(repeatable)")
+    p.add_argument("--lora-dir", type=Path, default=None, metavar="DIR",
+                   help="where <lora:name:mult> in the prompt finds name.safetensors")
     p.add_argument("--nonfinite", default="raise", choices=NONFINITE,
                    help="NaN/inf in a model's output: stop and say where (default), or warn and go on (to debug)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -262,6 +276,7 @@ def run_generation(args: argparse.Namespace) -> list[Path]:
     if mask is not None:
         check_mask_size(image, mask)
     run = steps_run(args, image)
+    extras = check_extras(args, checkpoint)
     device = resolve_device(args.device)
     dtype = fast_dtype(device) if args.dtype == "auto" else getattr(torch, args.dtype)
     label = "embedded model" if args.checkpoint is None else "checkpoint"
@@ -269,6 +284,7 @@ def run_generation(args: argparse.Namespace) -> list[Path]:
           f"seed {seed}", file=sys.stderr)
 
     models = preload_models_from_standard_weights(checkpoint, device=device, dtype=dtype)
+    extras.load(models)
     height, width = default_size(models, args.height, args.width)  # the model's training size unless given
     show = _preview_writer(models, args.preview, width, height) if args.preview else None
     images = generate(args.prompt, negative_prompt=args.negative_prompt, input_image=image, mask_image=mask,
@@ -277,19 +293,107 @@ def run_generation(args: argparse.Namespace) -> list[Path]:
                       width=width, num_images=args.num_images, paste_back=getattr(args, "paste_back", False),
                       progress=not args.quiet, callback=show, output_type="pil",
                       resize_mode=getattr(args, "resize_mode", "stretch"), nonfinite=args.nonfinite,
+                      clip_skip=args.clip_skip, prompt_syntax=extras.syntax, lora_dir=args.lora_dir,
                       **dataclasses.asdict(speedups))
     digest = model_hash(checkpoint)
     written = []
     for i, picture in enumerate(images):
         path = output_path(Path(args.output), i, len(images))
         parameters = a1111_parameters(
-            args.prompt, args.negative_prompt, args.steps, args.sampler, args.cfg_scale, seed, width, height,
-            checkpoint, digest, strength=args.strength if image is not None else None, batch=(len(images), i),
-            steps_run=run, extra=speedup_parameters(speedups))
+            extras.recorded_prompt(args.prompt), args.negative_prompt, args.steps, args.sampler, args.cfg_scale, seed,
+            width, height, checkpoint, digest, strength=args.strength if image is not None else None,
+            batch=(len(images), i), steps_run=run, extra=extras.parameters(models) + speedup_parameters(speedups))
         written.append(save_image(picture, path, parameters, overwrite=args.overwrite))
         note = "" if written[-1] == path else f" ({path} exists; --overwrite replaces it)"
         print(f"sd: wrote {written[-1]}{note}", file=sys.stderr)
     return written
+
+
+@dataclasses.dataclass
+class Extras:
+    """What sd brings beside the checkpoint: embeddings, LoRAs (--lora and the prompt's <lora:...>), clip skip."""
+
+    syntax: str
+    clip_skip: int
+    embeddings: list[Path]
+    loras: list[tuple[Path, float]]        # --lora
+    prompt_loras: list[tuple[Path, float]]  # <lora:name:mult> in the prompt, found in --lora-dir
+    prompt: str
+    negative_prompt: str
+
+    def load(self, models) -> None:
+        from .embeddings import load_embedding
+        from .lora import apply_lora
+
+        for path in self.embeddings:
+            load_embedding(models, path)
+        for path, multiplier in self.loras:
+            apply_lora(models, path, multiplier)  # for the whole run: the process ends after it
+
+    def recorded_prompt(self, prompt: str) -> str:
+        """The prompt as the image records it: --lora's LoRAs as <lora:name:mult> tags, so AUTOMATIC1111 (and sd with
+        --lora-dir) makes the same image from it."""
+        return " ".join([prompt] + [f"<lora:{path.stem}:{multiplier:g}>" for path, multiplier in self.loras])
+
+    def parameters(self, models) -> list[tuple[str, object]]:
+        """Clip skip, Lora hashes and TI hashes, as AUTOMATIC1111 writes them."""
+        from .embeddings import used_embeddings
+        from .lora import lora_hash
+
+        fields: list[tuple[str, object]] = []
+        if self.clip_skip > 1:
+            fields.append(("Clip skip", self.clip_skip))
+        loras = {path.stem: lora_hash(path) for path, _ in self.loras + self.prompt_loras}
+        if loras:
+            fields.append(("Lora hashes", ", ".join(f"{name}: {h}" for name, h in loras.items())))
+        layer = models["clip"].embedding
+        used = used_embeddings(models["clip"], [self.prompt, self.negative_prompt], self.syntax)
+        if used:
+            fields.append(("TI hashes", ", ".join(f"{name}: {layer.embedding_hashes[name]}" for name in used)))
+        return fields
+
+
+def lora_argument(text: str) -> tuple[Path, float]:
+    """--lora PATH[:MULT]: the multiplier after the last colon when it is a number (so C:\\x.safetensors works)."""
+    path, _, tail = text.rpartition(":")
+    try:
+        multiplier = float(tail) if path else None
+    except ValueError:
+        multiplier = None
+    if multiplier is None:
+        path, multiplier = text, 1.0
+    if not math.isfinite(multiplier):
+        raise ValueError(f"--lora {text}: the multiplier must be a finite number, e.g. --lora style.safetensors:0.8")
+    return Path(path), multiplier
+
+
+def check_extras(args: argparse.Namespace, checkpoint: Path) -> Extras:
+    """Before the model loads: clip skip, the prompt's <lora:...> tags (each found in --lora-dir), and every
+    embedding and LoRA file against the structure of the checkpoint's models (built on the meta device: no weights)."""
+    from .embeddings import embedding_vectors, load_embedding
+    from .lora import plan_lora, prompt_loras, read_lora
+    from .model_loader import build_models, model_configs
+
+    syntax = "plain" if args.plain_prompt else "a1111"
+    if args.clip_skip < 1:
+        raise ValueError(f"--clip-skip must be 1 (CLIP's last layer) or more, got {args.clip_skip}")
+    if args.lora_dir is not None and not args.lora_dir.is_dir():
+        raise ValueError(f"--lora-dir {args.lora_dir} is not a folder")
+    for path in args.embedding:
+        embedding_vectors(path)
+    loras = [lora_argument(text) for text in args.lora]
+    tagged = prompt_loras([args.prompt], [args.negative_prompt], args.lora_dir)[1] if syntax == "a1111" else []
+    for path, _ in loras + tagged:
+        read_lora(path)
+    structure = build_models(model_configs(checkpoint), device="meta")
+    n_layers = structure["clip"].config.n_layers
+    if args.clip_skip > n_layers:
+        raise ValueError(f"--clip-skip must be from 1 to {n_layers} (this text encoder's layers), got {args.clip_skip}")
+    for path in args.embedding:
+        load_embedding(structure, path)
+    for path, multiplier in loras + tagged:
+        plan_lora(structure, path, multiplier)
+    return Extras(syntax, args.clip_skip, args.embedding, loras, tagged, args.prompt, args.negative_prompt)
 
 
 def speedup_parameters(speedups) -> list[tuple[str, object]]:

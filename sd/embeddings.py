@@ -98,3 +98,12 @@ def embedding_names(clip) -> dict[int, str]:
     """id -> what it stands for, for every loaded embedding's vectors: "name", then "name#2", "name#3", ..."""
     return {i: token if k == 0 else f"{token}#{k + 1}"
             for token, ids in clip.embedding.embedding_ids().items() for k, i in enumerate(ids)}
+
+
+def used_embeddings(clip, texts: list[str], syntax: str = "a1111", tokenizer=None) -> list[str]:
+    """The loaded embeddings that some of `texts` name (what an image's "TI hashes" lists)."""
+    from .prompt_parser import tokenize_chunks
+
+    ids_of = clip.embedding.embedding_ids()
+    present = {i for text in texts for i in tokenize_chunks(text, tokenizer, ids_of, syntax)[0].flatten().tolist()}
+    return [token for token, ids in ids_of.items() if ids[0] in present]

@@ -1,4 +1,5 @@
-"""Load the four models from one Stable Diffusion 1.x checkpoint file (.safetensors or .ckpt), and save them back.
+"""Load the four models from one Stable Diffusion 1.x checkpoint file (.safetensors or .ckpt), or a folder in
+diffusers' layout (sd.diffusers_format), and save them back as one file.
 Tutorial part: "Loading the weights" (hkproj model_loader.py: preload_models_from_standard_weights). The file is mapped,
 not read (sd.checkpoint_io), and each parameter is filled from it once (sd.model_converter), in the dtype asked for.
 """
@@ -18,6 +19,7 @@ from .checks import check
 from .clip import CLIP, CLIPConfig
 from .decoder import VAE_Decoder, VAEConfig
 from .devices import fast_dtype, fast_memory_format
+from .diffusers_format import folder_configs, load_folder_weights
 from .diffusion import Diffusion, DiffusionConfig
 from .encoder import VAE_Encoder
 from .files import atomic_output
@@ -176,10 +178,36 @@ def _recorded_image_size(ckpt: Checkpoint, downscale: int) -> int | None:
 
 def checkpoint_image_size(ckpt: Checkpoint | str | os.PathLike) -> int:
     """The image size the checkpoint's model was trained at, in pixels: what its metadata records (our files), else
-    its configs' (the UNet's sample_size latents), else SD's 512. Reads the metadata only, no tensors."""
-    ckpt = ckpt if isinstance(ckpt, Checkpoint) else open_checkpoint(ckpt)
-    configs = _with_recorded_size(ckpt, _metadata_configs(ckpt))
+    its configs' (the UNet's sample_size latents; a diffusers folder's config.json), else SD's 512. Reads the metadata
+    only, no tensors."""
+    if not isinstance(ckpt, Checkpoint) and Path(ckpt).is_dir():
+        configs = _fitting_folder_configs(ckpt)
+    else:
+        ckpt = ckpt if isinstance(ckpt, Checkpoint) else open_checkpoint(ckpt)
+        configs = _with_recorded_size(ckpt, _metadata_configs(ckpt))
     return configs.get("diffusion", DiffusionConfig()).sample_size * configs.get("vae", VAEConfig()).downscale
+
+
+def _fitting_folder_configs(folder: str | os.PathLike) -> dict:
+    """A diffusers folder's configs (sd.diffusers_format.folder_configs), checked to work together (CheckpointError)."""
+    configs = folder_configs(folder)
+    try:
+        check_configs_fit(configs)
+    except ValueError as e:
+        raise CheckpointError(f"{folder}: its components' config.json describe models that do not fit together: "
+                              f"{e}") from None
+    return configs
+
+
+def model_configs(ckpt_path: str | os.PathLike) -> dict:
+    """The configs {"clip", "vae", "diffusion"} of the models a checkpoint file or diffusers folder holds, from its
+    metadata and shapes alone (no weights read): build_models(configs, device="meta") gives their structure, enough
+    to check a LoRA or an embedding against them before the weights load."""
+    if Path(ckpt_path).is_dir():
+        return _fitting_folder_configs(ckpt_path)
+    ckpt = open_checkpoint(ckpt_path)
+    identify(ckpt)
+    return configs_from_checkpoint(ckpt)
 
 
 def preload_models_from_standard_weights(ckpt_path: str | os.PathLike, device: torch.device | str = "cpu",
@@ -187,24 +215,35 @@ def preload_models_from_standard_weights(ckpt_path: str | os.PathLike, device: t
                                          configs: dict | None = None) -> dict[str, nn.Module]:
     """Load {"clip", "encoder", "decoder", "diffusion"} from one SD 1.x checkpoint, in eval mode. ckpt_path:
     .safetensors or .ckpt (with or without the "state_dict" wrapper; v1-5-pruned.ckpt's EMA weights are used when
-    use_ema). dtype: float32 (the default, as the tutorial), float16/bfloat16 for half the memory, or "auto": the
-    fast one for the device (sd.devices.fast_dtype: bf16 on a CPU with native bf16, fp16 on a GPU); bf16 on a CPU
-    loads the convolutions channels_last (sd.devices.fast_memory_format). configs: override those the file implies."""
+    use_ema), or a folder in diffusers' layout (unet/, vae/, text_encoder/ as save_pretrained writes them, the
+    configs from their config.json). dtype: float32 (the default, as the tutorial), float16/bfloat16 for half the
+    memory, or "auto": the fast one for the device (sd.devices.fast_dtype: bf16 on a CPU with native bf16, fp16 on a
+    GPU); bf16 on a CPU loads the convolutions channels_last (sd.devices.fast_memory_format). configs: override those
+    the file implies."""
     if isinstance(dtype, str) and dtype == "auto":
         dtype = fast_dtype(device)
     if dtype not in FLOAT_DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(map(str, FLOAT_DTYPES))} or 'auto', got {dtype!r}")
-    ckpt = open_checkpoint(ckpt_path)
-    identify(ckpt)
-    configs = {**configs_from_checkpoint(ckpt), **(configs or {})}
-    models = build_models(configs, device="meta")  # structure only: no memory until the weights arrive
-    state_dicts = load_from_standard_weights(ckpt, models, dtype=dtype, device=device, use_ema=use_ema,
-                                             memory_format=fast_memory_format(device, dtype))
-    del ckpt  # the parameters are fresh memory: with the checkpoint goes the file's mapping
+    options = {"dtype": dtype, "device": device, "memory_format": fast_memory_format(device, dtype)}
+    if Path(ckpt_path).is_dir():
+        models = build_models({**_fitting_folder_configs(ckpt_path), **(configs or {})}, device="meta")
+        state_dicts = load_folder_weights(ckpt_path, models, **options)  # no EMA copies in a folder
+    else:
+        models, state_dicts = _load_file(ckpt_path, configs, use_ema, options)
     for name, model in models.items():
         model.load_state_dict(state_dicts[name], strict=True, assign=True)
         model.eval()
     return models
+
+
+def _load_file(path: str | os.PathLike, configs: dict | None, use_ema: bool, options: dict):
+    """(models on the meta device, their state dicts) from one checkpoint file; options: load_from_standard_weights'."""
+    ckpt = open_checkpoint(path)
+    identify(ckpt)
+    configs = {**configs_from_checkpoint(ckpt), **(configs or {})}
+    models = build_models(configs, device="meta")  # structure only: no memory until the weights arrive
+    state_dicts = load_from_standard_weights(ckpt, models, use_ema=use_ema, **options)
+    return models, state_dicts  # the parameters are fresh memory: with the checkpoint goes the file's mapping
 
 
 def save_standard_weights(models: dict[str, nn.Module], path: str | os.PathLike,

@@ -32,6 +32,7 @@ from .devices import model_device, model_dtype, resolve_device, restored_on_fail
 from .embeddings import embedding_names
 from .images import RESIZE_MODES, image_to_tensor, mask_to_tensor, oriented_size
 from .inspect.attention_maps import AttentionMaps
+from .lora import loras_applied, prompt_loras
 from .samplers import make_sampler
 from .schedule import alpha_cumprod_at, make_alphas_cumprod, make_betas
 from .speedups import Speedups
@@ -457,6 +458,7 @@ def generate(
     vae_tiling: bool = False,
     clip_skip: int = 1,
     prompt_syntax: str = "a1111",
+    lora_dir: str | os.PathLike | None = None,
 ):
     """Make images from text (and optionally an image to start from and a mask of what to repaint).
 
@@ -498,6 +500,8 @@ def generate(
     [a|b], whose texts are each encoded once; "plain" takes the text as written, cut at 75 tokens (diffusers').
     clip_skip: 1 = CLIP's last layer (SD 1.5's), 2 = the one before it (what many fine-tunes expect).
     Textual-inversion embeddings loaded into models (sd.load_embedding) are used wherever a prompt names them.
+    <lora:name:multiplier> in the prompt (AUTOMATIC1111's) merges lora_dir/name.safetensors into the weights for this
+    call (sd.lora; LoRAs for every call: sd.apply_lora).
     """
     prompts, negatives = check_prompts(prompt, uncond_prompt, negative_prompt)
     check_models(models, needs_encoder=input_image is not None)
@@ -506,6 +510,7 @@ def generate(
                  sampler_name, eta, guidance_fn, guidance_fn_scale, paste_back, output_type, tokenizer, resize_mode,
                  nonfinite)
     check_prompt_options(models["clip"], clip_skip, prompt_syntax)
+    prompts, loras = prompt_loras(prompts, negatives, lora_dir) if prompt_syntax == "a1111" else (prompts, [])
     speedups = Speedups(tome_ratio, deepcache_interval, attention_slice_size, vae_tiling)
     diffusion, decoder = models["diffusion"], models["decoder"]
     device = resolve_device(device, default=model_device(diffusion))
@@ -533,7 +538,7 @@ def generate(
     if mask_image is not None:
         mask = mask_to_tensor(mask_image, width, height, resize_mode).to(device)  # (1, 1, H, W)
 
-    with torch.inference_mode(), restored_on_failure(models):
+    with loras_applied(models, loras), torch.inference_mode(), restored_on_failure(models):
         with on_device(models["clip"], device, idle_device) as clip:
             conditioning = Conditioning(clip, negatives + prompts if do_cfg else prompts, len(sampler.timesteps),
                                         tokenizer, clip_skip, prompt_syntax, finite, dtype)
