@@ -9,7 +9,9 @@ model_converter, model_loader, pipeline. What the tutorial does not have sits in
 samplers/ (DDIM ... DPM++ and their registry), inspect/ (attention maps, latent previews),
 training/ (the training loop and its datasets); beside them schedule (the noise schedule), tokenizer,
 checkpoint_io (reading checkpoint files safely), checks (argument checks), devices (where models run), images
-(input images normalised), files (every write atomic) and cli (the `sd` command).
+(input images normalised), files (every write atomic), the speed-ups (tome, deepcache, vae_tiling, speedups), what
+AUTOMATIC1111 users bring (prompt_parser and conditioning: its prompt syntax; embeddings; lora), diffusers_format
+(diffusers' names for the same blocks, and its folders) and cli (the `sd` command).
 
 The public API:
     sd.preload_models_from_standard_weights(path, device, dtype)  -> {"clip", "encoder", "decoder", "diffusion"}

@@ -98,8 +98,9 @@ def parse_a1111_parameters(text: str) -> dict[str, str]:
 
 
 def model_hash(path: Path) -> str | None:
-    """AUTOMATIC1111's model hash: the first 10 hex digits of the file's sha256 (skipped for very large files)."""
-    if path.stat().st_size > HASH_LIMIT:
+    """AUTOMATIC1111's model hash: the first 10 hex digits of the file's sha256 (skipped for very large files, and
+    for a diffusers folder, which AUTOMATIC1111 has no hash for)."""
+    if path.is_dir() or path.stat().st_size > HASH_LIMIT:
         return None
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -302,7 +303,7 @@ def run_generation(args: argparse.Namespace) -> list[Path]:
         parameters = a1111_parameters(
             extras.recorded_prompt(args.prompt), args.negative_prompt, args.steps, args.sampler, args.cfg_scale, seed,
             width, height, checkpoint, digest, strength=args.strength if image is not None else None,
-            batch=(len(images), i), steps_run=run, extra=extras.parameters(models) + speedup_parameters(speedups))
+            batch=(len(images), i), steps_run=run, extra=extras.parameters(models, run) + speedup_parameters(speedups))
         written.append(save_image(picture, path, parameters, overwrite=args.overwrite))
         note = "" if written[-1] == path else f" ({path} exists; --overwrite replaces it)"
         print(f"sd: wrote {written[-1]}{note}", file=sys.stderr)
@@ -317,7 +318,7 @@ class Extras:
     clip_skip: int
     embeddings: list[Path]
     loras: list[tuple[Path, float]]        # --lora
-    prompt_loras: list[tuple[Path, float]]  # <lora:name:mult> in the prompt, found in --lora-dir
+    prompt_loras: list[tuple[Path, float, float]]  # <lora:name:te:unet> in the prompt, found in --lora-dir
     prompt: str
     negative_prompt: str
 
@@ -335,7 +336,7 @@ class Extras:
         --lora-dir) makes the same image from it."""
         return " ".join([prompt] + [f"<lora:{path.stem}:{multiplier:g}>" for path, multiplier in self.loras])
 
-    def parameters(self, models) -> list[tuple[str, object]]:
+    def parameters(self, models, steps: int) -> list[tuple[str, object]]:
         """Clip skip, Lora hashes and TI hashes, as AUTOMATIC1111 writes them."""
         from .embeddings import used_embeddings
         from .lora import lora_hash
@@ -343,11 +344,11 @@ class Extras:
         fields: list[tuple[str, object]] = []
         if self.clip_skip > 1:
             fields.append(("Clip skip", self.clip_skip))
-        loras = {path.stem: lora_hash(path) for path, _ in self.loras + self.prompt_loras}
-        if loras:
-            fields.append(("Lora hashes", ", ".join(f"{name}: {h}" for name, h in loras.items())))
+        paths = list(dict.fromkeys([path for path, *_ in self.loras + self.prompt_loras]))
+        if paths:
+            fields.append(("Lora hashes", ", ".join(f"{path.stem}: {lora_hash(path)}" for path in paths)))
         layer = models["clip"].embedding
-        used = used_embeddings(models["clip"], [self.prompt, self.negative_prompt], self.syntax)
+        used = used_embeddings(models["clip"], [self.prompt, self.negative_prompt], self.syntax, steps=steps)
         if used:
             fields.append(("TI hashes", ", ".join(f"{name}: {layer.embedding_hashes[name]}" for name in used)))
         return fields
@@ -383,7 +384,7 @@ def check_extras(args: argparse.Namespace, checkpoint: Path) -> Extras:
         embedding_vectors(path)
     loras = [lora_argument(text) for text in args.lora]
     tagged = prompt_loras([args.prompt], [args.negative_prompt], args.lora_dir)[1] if syntax == "a1111" else []
-    for path, _ in loras + tagged:
+    for path, *_ in loras + tagged:
         read_lora(path)
     structure = build_models(model_configs(checkpoint), device="meta")
     n_layers = structure["clip"].config.n_layers
@@ -391,8 +392,8 @@ def check_extras(args: argparse.Namespace, checkpoint: Path) -> Extras:
         raise ValueError(f"--clip-skip must be from 1 to {n_layers} (this text encoder's layers), got {args.clip_skip}")
     for path in args.embedding:
         load_embedding(structure, path)
-    for path, multiplier in loras + tagged:
-        plan_lora(structure, path, multiplier)
+    for path, multiplier, *unet in loras + tagged:
+        plan_lora(structure, path, multiplier, unet_multiplier=(unet or [None])[0])
     return Extras(syntax, args.clip_skip, args.embedding, loras, tagged, args.prompt, args.negative_prompt)
 
 

@@ -31,7 +31,11 @@ def emphasize(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     weights = weights.to(z.device, z.dtype)
     original_mean = z.float().mean(dim=(1, 2), keepdim=True)  # (k, 1, 1)
     z = z * weights[..., None]
-    return z * (original_mean / z.float().mean(dim=(1, 2), keepdim=True)).to(z.dtype)
+    z = z * (original_mean / z.float().mean(dim=(1, 2), keepdim=True)).to(z.dtype)
+    if not torch.isfinite(z).all() and torch.isfinite(original_mean).all():
+        raise ValueError(f"emphasis weights up to {weights.abs().max().item():.3g} make the prompt's encoding overflow "
+                         f"in {str(z.dtype).removeprefix('torch.')}: use weights of a sensible size, like (word:1.5)")
+    return z
 
 
 def encode_chunks(clip, ids: torch.Tensor, weights: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:

@@ -9,6 +9,7 @@ ids after the vocabulary's; the tokenizer is never changed, so two model sets ca
 
 import hashlib
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -27,6 +28,8 @@ SHORT_HASH = 12  # AUTOMATIC1111's shorthash: the first 12 hex digits of the fil
 def embedding_vectors(path: str | os.PathLike) -> torch.Tensor:
     """The vectors (n, d) float32 of an embedding file in any of the three layouts; CheckpointError otherwise."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder; give an embedding file (.pt, .safetensors, .bin)")
     if not path.is_file():
         raise FileNotFoundError(f"embedding not found: {path}")
     tensors = open_checkpoint(path, nested=True)
@@ -55,6 +58,15 @@ def _checked(path: Path, vectors: torch.Tensor) -> torch.Tensor:
     return vectors
 
 
+def _is_one_word(text: str) -> bool:
+    """text is a single whole word of CLIP's vocabulary (one token ending a word), in any script."""
+    from .tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer()
+    ids = tokenizer(text, add_special_tokens=False, verbose=False).input_ids
+    return len(ids) == 1 and tokenizer.convert_ids_to_tokens(ids[0]).endswith("</w>")
+
+
 def file_sha256(path: str | os.PathLike, start: int = 0) -> str:
     """The sha256 of a file (from byte `start`) in hex, read in blocks."""
     digest = hashlib.sha256()
@@ -70,7 +82,7 @@ def load_embedding(models, path: str | os.PathLike, token: str | None = None) ->
     AUTOMATIC1111 names them); returns the token. Write it in a prompt like any word: "a photo, easynegative".
     Errors, before anything changes: a file that is not an embedding, a width that is not the text encoder's (SD 2.x's
     are 1024 wide, SD 1.x's 768), a name already loaded or that is a word CLIP knows, or that holds prompt syntax."""
-    from .tokenizer import clean_prompt, load_tokenizer
+    from .tokenizer import clean_prompt
 
     clip = models["clip"] if hasattr(models, "keys") else models
     path = Path(path)
@@ -86,10 +98,11 @@ def load_embedding(models, path: str | os.PathLike, token: str | None = None) ->
           + ")")
     layer = clip.embedding
     key = clean_prompt(token)
-    check(key not in {clean_prompt(t) for t in layer.embeddings}, f"an embedding named {token!r} is already loaded; "
-          f"give this one another name with token=")
-    check(f"{key}</w>" not in load_tokenizer().get_vocab(), f"embedding token {token!r} is a word CLIP already knows; "
-          f"prompts using the word would get the embedding: give another name with token=")
+    rename = "rename the file, or give another name with load_embedding(..., token=)"
+    check(key not in {clean_prompt(t) for t in layer.embeddings}, f"an embedding named {token!r} is already loaded: "
+          f"{rename}")
+    check(not _is_one_word(key), f"embedding token {token!r} is a word CLIP already knows, so prompts using the word "
+          f"would get the embedding: {rename}")
     layer.add_embedding(token, vectors, file_sha256(path)[:SHORT_HASH])
     return token
 
@@ -100,10 +113,15 @@ def embedding_names(clip) -> dict[int, str]:
             for token, ids in clip.embedding.embedding_ids().items() for k, i in enumerate(ids)}
 
 
-def used_embeddings(clip, texts: list[str], syntax: str = "a1111", tokenizer=None) -> list[str]:
-    """The loaded embeddings that some of `texts` name (what an image's "TI hashes" lists)."""
-    from .prompt_parser import tokenize_chunks
+def used_embeddings(clip, texts: list[str], syntax: str = "a1111", tokenizer=None, steps: int = 1000) -> list[str]:
+    """The loaded embeddings that some of `texts` name at some step of `steps` (what an image's "TI hashes" lists):
+    as generate() reads them, without <lora:...> tags and through prompt editing."""
+    from .prompt_parser import extra_networks, prompt_schedules, tokenize_chunks
 
     ids_of = clip.embedding.embedding_ids()
+    if syntax == "a1111":
+        with warnings.catch_warnings():  # generate() has warned about any tag it drops
+            warnings.simplefilter("ignore")
+            texts = [t for text in texts for _, t in prompt_schedules(extra_networks(text)[0], steps)]
     present = {i for text in texts for i in tokenize_chunks(text, tokenizer, ids_of, syntax)[0].flatten().tolist()}
     return [token for token, ids in ids_of.items() if ids[0] in present]

@@ -107,6 +107,20 @@ class Layer:
     def rank(self) -> int:
         return self.tensors["w1_b" if self.kind == "loha" else "down"].shape[0]
 
+    def check(self, path: Path) -> None:
+        """The factors fit each other (ranks agree, one alpha), else a LoraError naming the layer."""
+        t = self.tensors
+        pairs = [("w1_a", "w1_b"), ("w2_a", "w2_b")] if self.kind == "loha" else [("up", "down")]
+        for a, b in pairs:
+            if t[a].dim() < 2 or t[b].dim() < 2 or t[a].flatten(1).shape[1] != t[b].shape[0]:
+                raise LoraError(f"{path}: layer {self.name}: its {a} {tuple(t[a].shape)} and {b} {tuple(t[b].shape)} "
+                                f"do not multiply (their ranks differ): a damaged file")
+        if self.kind == "loha" and (t["w1_a"].shape[0], t["w1_b"].shape[1]) != (t["w2_a"].shape[0], t["w2_b"].shape[1]):
+            raise LoraError(f"{path}: layer {self.name}: its two Hadamard factors have different shapes")
+        if "alpha" in t and (t["alpha"].numel() != 1 or not t["alpha"].is_floating_point() and t["alpha"].dtype
+                             not in (torch.int64, torch.int32)):
+            raise LoraError(f"{path}: layer {self.name}: its alpha must be one number, got {tuple(t['alpha'].shape)}")
+
     def delta(self, shape: torch.Size, alpha: float | None) -> torch.Tensor:
         """ΔW (float32) for a weight of `shape`, scale alpha / rank included."""
         t = {k: v.float() for k, v in self.tensors.items() if k != "alpha"}
@@ -124,9 +138,11 @@ class Layer:
 def read_lora(path: str | os.PathLike) -> tuple[dict[str, Layer], dict[str, str]]:
     """The file's layers by name, each with its kind's tensors, and the file's metadata; LoraError for anything else."""
     path = Path(path)
+    if path.is_dir():
+        raise LoraError(f"{path} is a folder; give a LoRA file (.safetensors, .pt), or the folder as --lora-dir")
     if not path.is_file():
         raise FileNotFoundError(f"LoRA not found: {path}")
-    ckpt = open_checkpoint(path)
+    ckpt = open_checkpoint(path, nested=True)
     found: dict[str, dict[str, torch.Tensor]] = {}
     other = []
     for key, tensor in ckpt.items():
@@ -141,7 +157,8 @@ def read_lora(path: str | os.PathLike) -> tuple[dict[str, Layer], dict[str, str]
         found.setdefault(name, {})[suffix] = tensor.clone()  # small: merged again if a LoRA under it goes
     layers = {}
     for name, tensors in found.items():
-        kind = next((k for k in ("loha", "peft") if set(tensors) - {"alpha"} <= set(KINDS[k])), "lora")
+        weights = set(tensors) - {"alpha"}  # alpha alone says nothing of the kind
+        kind = next((k for k in ("loha", "peft") if weights and weights <= set(KINDS[k])), "lora")
         check(set(tensors) <= set(KINDS[kind]), f"{path}: layer {name} mixes tensors of different kinds: "
               f"{', '.join(sorted(tensors))}")
         layers[name] = Layer(name, kind, {KINDS[kind][suffix]: t for suffix, t in tensors.items()})
@@ -159,7 +176,9 @@ def _check_layers(path: Path, ckpt, layers: dict[str, Layer], other: list[str]) 
     for layer in layers.values():
         needed = {"loha": {"w1_a", "w1_b", "w2_a", "w2_b"}}.get(layer.kind, {"down", "up"})
         missing = needed - set(layer.tensors)
-        check(not missing, f"{path}: layer {layer.name} lacks its {', '.join(sorted(missing))} tensors")
+        names = {role: suffix for suffix, role in KINDS[layer.kind].items()}
+        check(not missing, f"{path}: layer {layer.name} lacks its {', '.join(sorted(names[m] for m in missing))}")
+        layer.check(path)
 
 
 def _file_alpha(metadata: Mapping[str, str], model: str) -> float | None:
@@ -187,13 +206,13 @@ def lora_hash(path: Path) -> str:
     return file_sha256(path, start)[:SHORT_HASH]
 
 
-@dataclass
+@dataclass(eq=False)  # two handles of the same file are two merges: compared by identity
 class LoraHandle:
     """A LoRA merged into models' weights; remove() puts back the weights it changed, bit for bit."""
 
     name: str
     path: Path
-    multiplier: float
+    multipliers: dict  # per model ("clip", "diffusion")
     short_hash: str
     models: dict
     changes: list = field(default_factory=list)  # (Target, Layer, the file's alpha or None): ΔW made when merged
@@ -201,25 +220,40 @@ class LoraHandle:
     applied: bool = False
 
     def _parts(self):
-        """(the part of the weight a layer changes, that layer, its alpha), a view: writing it writes the weight."""
+        """(the part of the weight a layer changes, that layer, its alpha, its model's multiplier), the part a view:
+        writing it writes the weight."""
         for target, layer, alpha in self.changes:
             weight = dict(self.models[target.model].named_parameters())[target.param]
-            yield weight.data.chunk(target.parts)[target.part], layer, alpha
+            yield weight.data.chunk(target.parts)[target.part], layer, alpha, self.multipliers[target.model]
+
+    @property
+    def multiplier(self) -> float:
+        return self.multipliers["diffusion"]
 
     @torch.no_grad()
     def _merge(self) -> None:
-        """W += multiplier · ΔW, computed in float32 and rounded once to W's dtype; W's old values kept first."""
+        """W += multiplier · ΔW, computed in float32 and rounded once to W's dtype; W's old values kept first. A
+        merged weight that is not finite (a huge multiplier) puts every weight back and raises."""
         self.saved = []
-        for part, layer, alpha in self._parts():
+        for part, layer, alpha, multiplier in self._parts():
+            if multiplier == 0:
+                self.saved.append(None)
+                continue
+            merged = (part.float() + multiplier * layer.delta(part.shape, alpha).to(part.device)).to(part.dtype)
+            if not torch.isfinite(merged).all():
+                self.applied = True
+                self._restore()
+                raise LoraError(f"{self.path}: at multiplier {multiplier:g}, layer {layer.name}'s weights become "
+                                f"inf or NaN in {str(part.dtype).removeprefix('torch.')}: use a smaller multiplier")
             self.saved.append(part.clone())
-            delta = layer.delta(part.shape, alpha).to(part.device)
-            part.copy_((part.float() + self.multiplier * delta).to(part.dtype))
+            part.copy_(merged)
         self.applied = True
 
     @torch.no_grad()
     def _restore(self) -> None:
-        for (part, _, _), original in zip(self._parts(), self.saved):
-            part.copy_(original)
+        for (part, *_), original in zip(self._parts(), self.saved):
+            if original is not None:
+                part.copy_(original)
         self.saved, self.applied = [], False
 
     def remove(self) -> None:
@@ -252,25 +286,28 @@ def _stack(models) -> list:
 
 
 def apply_lora(models: Mapping[str, nn.Module], path: str | os.PathLike, multiplier: float = 1.0,
-               name: str | None = None) -> LoraHandle:
+               name: str | None = None, *, unet_multiplier: float | None = None) -> LoraHandle:
     """Merge a LoRA file into models["clip"] and models["diffusion"]: W += multiplier · alpha / rank · ΔW for every
     layer it names. Returns a handle; handle.remove() restores the weights exactly (or use it in a with block).
     Everything is checked before any weight changes: layers that match none of the models', shapes that differ (an
     SD 2.x or SDXL LoRA), a file that is not a LoRA. multiplier 0 changes nothing. name: for the image's
-    parameters (default: the file's stem)."""
-    handle = plan_lora(models, path, multiplier, name)
-    if multiplier != 0:
+    parameters (default: the file's stem). unet_multiplier: the UNet's, when it differs from the text encoder's
+    (AUTOMATIC1111's <lora:name:te:unet>)."""
+    handle = plan_lora(models, path, multiplier, name, unet_multiplier=unet_multiplier)
+    if any(handle.multipliers.values()):
         handle._merge()
         _stack(models).append(handle)
     return handle
 
 
 def plan_lora(models: Mapping[str, nn.Module], path: str | os.PathLike, multiplier: float = 1.0,
-              name: str | None = None) -> LoraHandle:
+              name: str | None = None, *, unet_multiplier: float | None = None) -> LoraHandle:
     """Every check apply_lora makes, and the handle it would merge, without changing a weight. The models may be
     on the meta device (their structure is enough): the sd command checks a LoRA so before loading a checkpoint."""
     path = Path(path)
-    check(is_finite_number(multiplier), f"LoRA multiplier must be a finite number, got {multiplier!r}")
+    unet_multiplier = multiplier if unet_multiplier is None else unet_multiplier
+    for value in (multiplier, unet_multiplier):
+        check(is_finite_number(value), f"LoRA multiplier must be a finite number, got {value!r}")
     layers, metadata = read_lora(path)
     _refuse_other_models(path, layers, metadata)
     targets = lora_targets(models)
@@ -279,7 +316,8 @@ def plan_lora(models: Mapping[str, nn.Module], path: str | os.PathLike, multipli
         raise LoraError(f"{path}: {len(unknown)} of its {len(layers)} layers match no layer of these models: "
                         f"{', '.join(unknown[:3])}{', ...' if len(unknown) > 3 else ''} (an SD 2.x or SDXL LoRA, or "
                         f"one for another model?)")
-    handle = LoraHandle(name or path.stem, path, float(multiplier), lora_hash(path), dict(models))
+    multipliers = {"clip": float(multiplier), "diffusion": float(unet_multiplier)}
+    handle = LoraHandle(name or path.stem, path, multipliers, lora_hash(path), dict(models))
     seen: dict[Target, str] = {}
     for layer_name, layer in layers.items():
         target = targets[layer_name]
@@ -314,9 +352,11 @@ LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")
 
 def find_lora(lora_dir: str | os.PathLike, name: str) -> Path:
     """The file a <lora:name> tag means: lora_dir/name.safetensors (.pt, .ckpt, .bin), or a file of that stem in a
-    folder below, as AUTOMATIC1111 finds them."""
+    folder below, as AUTOMATIC1111 finds them; never a file outside lora_dir."""
     lora_dir = Path(lora_dir)
     check(lora_dir.is_dir(), f"lora_dir {lora_dir} is not a folder (sd: --lora-dir DIR, where the LoRA files are)")
+    check(not any(part in ("..", "") for part in Path(name).parts) and not Path(name).is_absolute(),
+          f"<lora:{name}> in the prompt: a LoRA's name is a file name in lora_dir, not a path out of it")
     candidates = [lora_dir / f"{name}{suffix}" for suffix in LORA_SUFFIXES]
     candidates += sorted(p for p in lora_dir.rglob("*") if p.stem == Path(name).name and p.suffix in LORA_SUFFIXES)
     found = next((p for p in candidates if p.is_file()), None)
@@ -327,9 +367,10 @@ def find_lora(lora_dir: str | os.PathLike, name: str) -> Path:
     return found
 
 
-def prompt_loras(prompts: list[str], negatives: list[str], lora_dir) -> tuple[list[str], list[tuple[Path, float]]]:
-    """(the prompts without their <lora:...> tags, [(file, multiplier), ...]): every prompt of one call must name the
-    same LoRAs (they are merged into the weights, which all prompts share); negative prompts name none."""
+def prompt_loras(prompts: list[str], negatives: list[str], lora_dir) -> tuple[list[str], list[tuple]]:
+    """(the prompts without their <lora:...> tags, [(file, text-encoder multiplier, UNet multiplier), ...]): every
+    prompt of one call must name the same LoRAs (they are merged into the weights, which all prompts share);
+    negative prompts name none."""
     from .prompt_parser import extra_networks
 
     for negative in negatives:
@@ -341,15 +382,16 @@ def prompt_loras(prompts: list[str], negatives: list[str], lora_dir) -> tuple[li
           "<lora:...> tags; they are merged into the weights all prompts share: give each set its own call")
     check(not tags or lora_dir is not None, f"the prompt names <lora:{tags[0][0] if tags else ''}:...>: give lora_dir "
           f"(sd: --lora-dir DIR), the folder of the LoRA files")
-    return [text for text, _ in parsed], [(find_lora(lora_dir, name), m) for name, m in tags]
+    return [text for text, _ in parsed], [(find_lora(lora_dir, name), te, unet) for name, te, unet in tags]
 
 
 @contextmanager
-def loras_applied(models, loras: list[tuple[Path, float]]):
-    """The LoRAs merged for the length of a block, and taken out after it, also when it fails."""
+def loras_applied(models, loras: list[tuple]):
+    """The LoRAs [(file, multiplier[, UNet multiplier])] merged for the length of a block, and taken out after it,
+    also when it fails."""
     with ExitStack() as stack:
-        for path, multiplier in loras:
-            stack.enter_context(apply_lora(models, path, multiplier))
+        for path, multiplier, *unet in loras:
+            stack.enter_context(apply_lora(models, path, multiplier, unet_multiplier=(unet or [None])[0]))
         yield
 
 

@@ -36,7 +36,7 @@ from .lora import loras_applied, prompt_loras
 from .samplers import make_sampler
 from .schedule import alpha_cumprod_at, make_alphas_cumprod, make_betas
 from .speedups import Speedups
-from .prompt_parser import PROMPT_SYNTAXES
+from .prompt_parser import PROMPT_SYNTAXES, extra_networks
 from .tokenizer import load_tokenizer
 from .vae_tiling import DECODE_TILE, decode_tiled, encode_tiled
 
@@ -280,7 +280,8 @@ def encode_prompt(models, prompts: str | list[str], clip_skip: int = 1, prompt_s
     check_prompt_options(clip, clip_skip, prompt_syntax)
     check(is_int(steps) and steps > 0 and is_int(step) and 1 <= step <= steps,
           f"step must be a whole number from 1 to steps={steps!r}, got {step!r}")
-    return Conditioning(clip, prompts, steps, tokenizer or load_tokenizer(), clip_skip, prompt_syntax).at(step)
+    with torch.no_grad():
+        return Conditioning(clip, prompts, steps, tokenizer or load_tokenizer(), clip_skip, prompt_syntax).at(step)
 
 
 # --- stage 3: the latents sampling starts from ------------------------------------------------------------------
@@ -511,6 +512,9 @@ def generate(
                  nonfinite)
     check_prompt_options(models["clip"], clip_skip, prompt_syntax)
     prompts, loras = prompt_loras(prompts, negatives, lora_dir) if prompt_syntax == "a1111" else (prompts, [])
+    if prompt_syntax == "plain" and any(extra_networks(p)[1] for p in prompts):
+        warnings.warn("the prompt has <lora:...> tags, which prompt_syntax='plain' (sd: --plain-prompt) reads as text: "
+                      "no LoRA is applied (apply_lora or sd --lora apply one)", stacklevel=2)
     speedups = Speedups(tome_ratio, deepcache_interval, attention_slice_size, vae_tiling)
     diffusion, decoder = models["diffusion"], models["decoder"]
     device = resolve_device(device, default=model_device(diffusion))

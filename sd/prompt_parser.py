@@ -130,59 +130,78 @@ class _Brackets:
         self.open, self.inner, self.close = open_, inner, close
 
 
-def _parse(text: str, i: int, stops: str) -> tuple[list, int]:
-    """Nodes (strings and the classes above) from text[i] up to an unescaped character of `stops` at this depth."""
-    nodes: list = []
-    while i < len(text) and text[i] not in stops:
-        c = text[i]
-        if c == "\\" and i + 1 < len(text):
-            nodes.append(text[i:i + 2])  # kept escaped: parse_prompt_attention reads the escape
-            i += 2
-        elif c in "([":
-            node, end = (_parse_round if c == "(" else _parse_square)(text, i)
-            nodes.append(node if node is not None else c)  # no closing bracket: the character is text
-            i = end if node is not None else i + 1
-        else:
-            nodes.append(c)
-            i += 1
-    return nodes, i
+MAX_NESTING = 64  # brackets inside brackets: far past any real prompt, and what keeps the parser's recursion safe
 
 
-def _parse_round(text: str, i: int):
-    inner, end = _parse(text, i + 1, ")")
-    if end >= len(text):
-        return None, i
-    return _Brackets("(", inner, ")"), end + 1
+class _Parser:
+    """The prompt-editing parser: each (position, stop characters) parsed once and remembered, so unclosed
+    brackets, which are tried as brackets and then read as text, cost linear work each, not exponential."""
 
+    def __init__(self, text: str):
+        self.text, self.memo = text, {}
+        depth = deepest = 0
+        escaped = False
+        for c in text:
+            escaped, depth = (False, depth) if escaped else (c == "\\", depth + (c in "([") - (c in ")]" and depth > 0))
+            deepest = max(deepest, depth)
+        check(deepest <= MAX_NESTING, f"the prompt nests brackets {deepest} deep; at most {MAX_NESTING} are read")
 
-def _parse_square(text: str, i: int):
-    """What follows "[": a schedule, an alternation or emphasis; (None, i) if it is none of them."""
-    parts, seps, j = [], [], i + 1
-    while True:
-        part, j = _parse(text, j, ":|]")
-        parts.append(part)
-        if j >= len(text):
+    def parse(self, i: int, stops: str) -> tuple[list, int]:
+        """Nodes (strings and the classes above) from text[i] up to an unescaped character of `stops` here."""
+        if (i, stops) not in self.memo:
+            self.memo[i, stops] = self._parse(i, stops)
+        return self.memo[i, stops]
+
+    def _parse(self, i: int, stops: str) -> tuple[list, int]:
+        text, nodes = self.text, []
+        while i < len(text) and text[i] not in stops:
+            c = text[i]
+            if c == "\\" and i + 1 < len(text):
+                nodes.append(text[i:i + 2])  # kept escaped: parse_prompt_attention reads the escape
+                i += 2
+            elif c in "([":
+                node, end = (self.round if c == "(" else self.square)(i)
+                nodes.append(node if node is not None else c)  # no closing bracket: the character is text
+                i = end if node is not None else i + 1
+            else:
+                nodes.append(c)
+                i += 1
+        return nodes, i
+
+    def round(self, i: int):
+        inner, end = self.parse(i + 1, ")")
+        if end >= len(self.text):
             return None, i
-        seps.append(text[j])
-        j += 1
-        if seps[-1] == "]":
-            break
-    if seps == ["]"]:
-        return _Brackets("[", parts[0], "]"), j
-    if set(seps[:-1]) == {"|"}:
-        return _Alternate(parts), j
-    segments = [[]]  # split at the colons only: in a schedule a "|" is text
-    for part, sep in zip(parts, seps):
-        segments[-1].extend(part)
-        if sep == "|":
-            segments[-1].append(sep)
-        elif sep == ":":
-            segments.append([])
-    when = _NUMBER.match("".join(p for p in segments[-1] if isinstance(p, str)))
-    if len(segments) in (2, 3) and when and all(isinstance(p, str) for p in segments[-1]):
-        before = segments[0] if len(segments) == 3 else None
-        return _Schedule(before, segments[-2], float(when.group(1))), j
-    return None, i
+        return _Brackets("(", inner, ")"), end + 1
+
+    def square(self, i: int):
+        """What follows "[": a schedule, an alternation or emphasis; (None, i) if it is none of them."""
+        parts, seps, j = [], [], i + 1
+        while True:
+            part, j = self.parse(j, ":|]")
+            parts.append(part)
+            if j >= len(self.text):
+                return None, i
+            seps.append(self.text[j])
+            j += 1
+            if seps[-1] == "]":
+                break
+        if seps == ["]"]:
+            return _Brackets("[", parts[0], "]"), j
+        if set(seps[:-1]) == {"|"}:
+            return _Alternate(parts), j
+        segments = [[]]  # split at the colons only: in a schedule a "|" is text
+        for part, sep in zip(parts, seps):
+            segments[-1].extend(part)
+            if sep == "|":
+                segments[-1].append(sep)
+            elif sep == ":":
+                segments.append([])
+        when = _NUMBER.match("".join(p for p in segments[-1] if isinstance(p, str)))
+        if len(segments) in (2, 3) and when and all(isinstance(p, str) for p in segments[-1]):
+            before = segments[0] if len(segments) == 3 else None
+            return _Schedule(before, segments[-2], float(when.group(1))), j
+        return None, i
 
 
 def _steps(nodes, steps: int, found: set) -> None:
@@ -224,7 +243,7 @@ def prompt_schedules(prompt: str, steps: int) -> list[list]:
         raise TypeError(f"a prompt must be a string, got {type(prompt).__name__}")
     if not (isinstance(steps, int) and not isinstance(steps, bool) and steps > 0):
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
-    nodes, _ = _parse(prompt, 0, "")
+    nodes, _ = _Parser(prompt).parse(0, "")
     found = {steps}
     _steps(nodes, steps, found)
     return [[step, _text_at(nodes, step)] for step in sorted(found)]
@@ -237,6 +256,7 @@ COMMA_BACKTRACK = 20  # a chunk that fills up moves back to its last comma if it
 COMMA = ",</w>"
 
 
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)  # the weights are float32
 MAX_CHUNKS = 32  # 2400 tokens: far past any real prompt; more would only make every cross-attention slower
 
 
@@ -326,6 +346,9 @@ def tokenize_chunks(prompt: str, tokenizer=None, embeddings: Mapping[str, range]
     tokenizer = tokenizer or load_tokenizer()
     plain = syntax == "plain"
     parsed = [[prompt, 1.0]] if plain else parse_prompt_attention(prompt)
+    for text, weight in parsed:
+        check(abs(weight) <= FLOAT32_MAX, f"the emphasis on {text[:40]!r} comes to {weight}: weights must be finite numbers "
+              f"(write (word:1.3); \\( and \\) for brackets as text)")
     chunks = _Chunks(BOS_ID, EOS_ID, None if plain else tokenizer.convert_tokens_to_ids(COMMA))
     lookup = _embedding_lookup(embeddings or {}, tokenizer)
     texts = [clean_prompt(text) for text, _ in parsed]
@@ -352,21 +375,39 @@ def tokenize_chunks(prompt: str, tokenizer=None, embeddings: Mapping[str, range]
 
 _EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")  # AUTOMATIC1111's extra_networks.re_extra_net
 EXTRA_NETWORKS = ("lora", "lyco")  # AUTOMATIC1111 reads <lyco:...> as a LoRA too
+UNSUPPORTED_NETWORKS = ("hypernet",)  # AUTOMATIC1111's other built-in extra network
 
 
-def extra_networks(prompt: str) -> tuple[str, list[tuple[str, float]]]:
-    """(the prompt without its <lora:name:multiplier> tags, [(name, multiplier), ...]), as AUTOMATIC1111 reads them:
-    the multiplier is optional (1.0); other kinds of extra network (<hypernet:...>) are refused."""
-    found: list[tuple[str, float]] = []
+def extra_networks(prompt: str) -> tuple[str, list[tuple[str, float, float]]]:
+    """(the prompt without its extra-network tags, [(name, text-encoder multiplier, UNet multiplier), ...] of its
+    LoRAs), as AUTOMATIC1111 reads them: <lora:name>, <lora:name:m> (both m), <lora:name:te:unet>, or te=/unet=
+    named. <hypernet:...> is refused (not supported); a tag of a kind AUTOMATIC1111 does not know either is
+    dropped with a warning, as it does."""
+    found: list[tuple[str, float, float]] = []
 
     def take(match: re.Match) -> str:
-        kind, args = match.group(1), match.group(2).split(":")
-        check(kind in EXTRA_NETWORKS, f"<{kind}:...> in the prompt: sd reads only <lora:name:multiplier> "
-              f"(and <lyco:...>); hypernetworks and other extra networks are not supported")
-        name, multiplier = args[0].strip(), args[1].strip() if len(args) > 1 else "1"
-        check(name != "" and _is_number(multiplier) and math.isfinite(float(multiplier)),
-              f"{match.group(0)!r} in the prompt: write <lora:NAME> or <lora:NAME:MULTIPLIER> with a number")
-        found.append((name, float(multiplier)))
+        kind, args = match.group(1), [a.strip() for a in match.group(2).split(":")]
+        if kind in UNSUPPORTED_NETWORKS:
+            raise ValueError(f"<{kind}:...> in the prompt: sd reads <lora:name:multiplier> (and <lyco:...>); "
+                             f"hypernetworks are not supported")
+        if kind not in EXTRA_NETWORKS:
+            warnings.warn(f"{match.group(0)!r} in the prompt is not an extra network sd knows (lora, lyco): dropped, "
+                          f"as AUTOMATIC1111 drops it", stacklevel=4)
+            return ""
+        found.append(_lora_tag(match.group(0), args))
         return ""
 
     return _EXTRA_NETWORK.sub(take, prompt), found
+
+
+def _lora_tag(tag: str, args: list[str]) -> tuple[str, float, float]:
+    """(name, te, unet) from a tag's arguments: positional te then unet, or te= / unet= (unet defaults to te)."""
+    usage = f"{tag!r} in the prompt: write <lora:NAME>, <lora:NAME:MULTIPLIER> or <lora:NAME:TE:UNET> with numbers"
+    named = dict(a.split("=", 1) for a in args[1:] if "=" in a)
+    positional = [a for a in args[1:] if "=" not in a]
+    check(args[0] != "" and len(positional) <= 2 and set(named) <= {"te", "unet"}, usage)
+    values = dict(zip(("te", "unet"), positional)) | named
+    numbers = {k: v for k, v in values.items() if _is_number(v) and math.isfinite(float(v))}
+    check(numbers.keys() == values.keys(), usage)
+    te = float(numbers.get("te", 1.0))
+    return args[0], te, float(numbers.get("unet", te))

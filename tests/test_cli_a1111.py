@@ -9,6 +9,7 @@ from safetensors.torch import save_file
 
 from reference import random_models, tiny_configs
 from sd.cli import main, parse_a1111_parameters
+from test_cli import no_model_load  # noqa: F401  (a fixture: every check before the checkpoint is read)
 from sd.model_loader import IMAGE_SIZE_METADATA_KEY, save_standard_weights
 
 LORA_LAYER = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_v"
@@ -82,16 +83,6 @@ def test_lora_by_option_and_by_tag_give_the_same_image(checkpoint, tmp_path, ext
         assert p["Lora hashes"] == f"glow: {lora_hash(lora)}" and p["prompt"] == "a cat <lora:glow:0.6>"
 
 
-@pytest.fixture
-def no_model_load(monkeypatch):
-    import sd.model_loader
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model was loaded before the arguments were checked")
-
-    monkeypatch.setattr(sd.model_loader, "preload_models_from_standard_weights", refuse)
-
-
 @pytest.mark.parametrize("extra,message", [
     (["--clip-skip", "0"], "--clip-skip must be 1"),
     (["--clip-skip", "3"], "--clip-skip must be from 1 to 2 (this text encoder's layers), got 3"),
@@ -114,8 +105,8 @@ def test_bad_extras_are_one_line_before_the_model_loads(checkpoint, tmp_path, ex
 @pytest.mark.parametrize("prompt,extra,message", [
     ("a <lora:glow>", [], "give lora_dir (sd: --lora-dir DIR)"),
     ("a <lora:nope:1>", ["--lora-dir", "{extras}/loras"], "no nope.safetensors (or .pt, .ckpt) in"),
-    ("a <hypernet:x:1>", [], "hypernetworks and other extra networks are not supported"),
-    ("a <lora:glow:lots>", [], "write <lora:NAME> or <lora:NAME:MULTIPLIER> with a number"),
+    ("a <hypernet:x:1>", [], "hypernetworks are not supported"),
+    ("a <lora:glow:lots>", [], "write <lora:NAME>, <lora:NAME:MULTIPLIER> or <lora:NAME:TE:UNET> with numbers"),
 ])
 def test_bad_tags_are_one_line_before_the_model_loads(checkpoint, tmp_path, extras, capsys, no_model_load, prompt,
                                                        extra, message):

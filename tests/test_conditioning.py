@@ -151,3 +151,45 @@ def test_bad_prompt_options_are_refused_before_any_model_runs(models, kwargs, me
 def test_a_prompt_too_long_for_any_use_is_refused(models):
     with pytest.raises(ValueError, match="chunks of 75 tokens; at most 32"):
         encode_prompt(models, "cat " * 2500)
+
+
+def test_attention_maps_cover_every_chunk_and_name_each_token(models):
+    from sd import AttentionMaps
+
+    maps = AttentionMaps()
+    prompt = "red fox, " * 30  # 90 tokens: two chunks
+    generate(prompt, models=models, seed=0, n_inference_steps=2, height=H, width=W, progress=False,
+             attention_maps=maps)
+    assert maps.maps.shape[:2] == (1, 154)
+    words = maps.words(0)
+    assert [w for w, _ in words] == ["red", "fox", ","] * 30
+    assert maps.tokens[0].count("<|startoftext|>") == 2 and maps.positions[0][-1] < 154
+    assert torch.allclose(maps.maps[0].sum(0), torch.ones(H // 2, W // 2), atol=1e-4)
+
+
+def test_brackets_nested_or_unclosed_are_cheap_and_bounded(models):
+    import time
+
+    from sd.prompt_parser import prompt_schedules
+
+    start = time.perf_counter()
+    assert prompt_schedules("(" * 60 + "x", 10) == [[10, "(" * 60 + "x"]]
+    assert prompt_schedules("[" * 60 + "x", 10) == [[10, "[" * 60 + "x"]]
+    assert time.perf_counter() - start < 1  # each bracket tried once: exponential before
+    with pytest.raises(ValueError, match="nests brackets 600 deep; at most 64"):
+        encode_prompt(models, "(" * 600 + "x" + ")" * 600)
+
+
+@pytest.mark.parametrize("prompt, message", [("(x:1" + "0" * 46 + ")", "weights must be finite numbers"),
+                                             ("(" * 40 + "x:1" + "0" * 37 + ")" * 40, "must be finite numbers"),
+                                             ("(x:3" + "0" * 38 + ")", "encoding overflow in float32")])
+def test_an_infinite_emphasis_weight_is_refused(models, prompt, message):
+    with pytest.raises(ValueError, match=message):
+        encode_prompt(models, prompt)
+
+
+def test_unknown_extra_networks_are_dropped_with_a_warning_as_automatic1111_does(models):
+    common = dict(models=models, seed=0, n_inference_steps=1, height=H, width=W, progress=False)
+    with pytest.warns(UserWarning, match="not an extra network sd knows"):
+        dropped = generate("i <3:love> you", **common)
+    assert (dropped == generate("i  you", **common)).all()

@@ -323,3 +323,16 @@ def test_wrong_shape_is_named(folder):
     with pytest.raises(ConversionError, match=r"shape mismatches \(1\):\n    unet/conv_in.weight: checkpoint "
                                               r"\(32, 5, 3, 3\), model expects \(32, 4, 3, 3\)$"):
         preload_models_from_standard_weights(folder)
+
+
+def test_the_sd_command_generates_from_a_folder(folder, tmp_path, capsys):
+    """`sd generate --checkpoint FOLDER`: the image is written, with no model hash (a folder has none)."""
+    from PIL import Image
+
+    from sd.cli import main, parse_a1111_parameters
+
+    out = tmp_path / "x.png"
+    assert main(["generate", "a cat", "--checkpoint", str(folder), "-o", str(out), "--steps", "2", "--seed", "1",
+                 "--quiet", "--height", "16", "--width", "16"]) == 0, capsys.readouterr().err
+    params = parse_a1111_parameters(Image.open(out).text["parameters"])
+    assert params["Model"] == folder.name and "Model hash" not in params

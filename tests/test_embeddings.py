@@ -125,6 +125,8 @@ def test_bad_embeddings_are_refused_and_nothing_changes(models, tmp_path):
         (long, {}, "1 to 75 vectors"),
         (text, {}, "not a checkpoint"),
         (good, {"token": "cat"}, "a word CLIP already knows"),
+        (good, {"token": "\U0001f431"}, "a word CLIP already knows"),  # a cat emoji: one byte-level BPE word
+        (tmp_path, {}, "is a folder; give an embedding file"),
         (good, {"token": "(x)"}, "without any of"),
         (good, {"token": ""}, "non-empty name"),
         (tmp_path / "missing.pt", {}, "embedding not found"),

@@ -129,6 +129,10 @@ def test_remove_restores_every_weight_bit_for_bit_and_multiplier_0_changes_nothi
         return all(torch.equal(v, original[n][k]) for n, m in models.items() for k, v in m.state_dict().items())
 
     one, two = kohya_file(tmp_path / "one.safetensors", models, 1), kohya_file(tmp_path / "two.safetensors", models, 2)
+    twice = apply_lora(models, one, 0.7), apply_lora(models, one, 0.7)  # the same file twice: two merges
+    twice[0].remove()
+    twice[1].remove()
+    assert unchanged() and applied_loras(models) == []
     first = apply_lora(models, one, 0.7)
     second = apply_lora(models, two, -1.3)
     assert not unchanged() and applied_loras(models) == [first, second]
@@ -207,7 +211,12 @@ def test_bad_files_are_refused_before_any_weight_changes(models, tmp_path):
         "wide": ({f"{good}.lora_down.weight": torch.ones(RANK, 1024), f"{good}.lora_up.weight": u},
                  r"its update is \(32, 1024\), the layer's weight \(32, 32\)"),
         "model": ({"model.diffusion_model.input_blocks.0.0.weight": d}, "not a LoRA.*full Stable Diffusion checkpoint"),
-        "lonely": ({f"{good}.lora_down.weight": d}, "lacks its up tensors"),
+        "lonely": ({f"{good}.lora_down.weight": d}, "lacks its lora_up.weight"),
+        "alpha": ({f"{good}.alpha": torch.tensor(1.0)}, "lacks its lora_down.weight, lora_up.weight"),
+        "ranks": ({f"{good}.lora_down.weight": torch.ones(3, 32), f"{good}.lora_up.weight": u},
+                  r"its up \(32, 4\) and down \(3, 32\) do not multiply"),
+        "alphas": ({f"{good}.lora_down.weight": d, f"{good}.lora_up.weight": u, f"{good}.alpha": torch.ones(2)},
+                   "its alpha must be one number"),
         "extra": ({f"{good}.lora_down.weight": d, f"{good}.lora_up.weight": u, "something.else": d},
                   "no LoRA layer's: something.else"),
         "tucker": ({f"{good}.lora_down.weight": d, f"{good}.lora_up.weight": u, f"{good}.lora_mid.weight": d},
@@ -223,6 +232,10 @@ def test_bad_files_are_refused_before_any_weight_changes(models, tmp_path):
         apply_lora(models, ok, float("inf"))
     with pytest.raises(FileNotFoundError, match="LoRA not found"):
         apply_lora(models, tmp_path / "missing.safetensors")
+    with pytest.raises(ValueError, match="is a folder; give a LoRA file"):
+        apply_lora(models, tmp_path)
+    with pytest.raises(ValueError, match="become inf or NaN in float32: use a smaller multiplier"):
+        apply_lora(models, ok, 1e38)
     assert all(torch.equal(v, original[k]) for k, v in models["diffusion"].state_dict().items())
     assert applied_loras(models) == []
     assert issubclass(LoraError, ValueError)
@@ -251,6 +264,16 @@ def test_prompt_tags_merge_for_the_call_only(models, tmp_path):
         generate("a cat", negative_prompt="<lora:style>", lora_dir=tmp_path / "loras", **common)
     with pytest.raises(ValueError, match="name different"):
         generate(["a <lora:style>", "b"], lora_dir=tmp_path / "loras", **common)
+    with pytest.raises(ValueError, match="not a path out of it"):
+        generate("a <lora:../loras/style>", lora_dir=tmp_path / "loras", **common)
+    with pytest.warns(UserWarning, match="reads as text: no LoRA is applied"):
+        generate("a cat <lora:style:0.8>", lora_dir=tmp_path / "loras", prompt_syntax="plain", **common)
+    # <lora:name:te:unet>: the text encoder's and the UNet's multipliers apart
+    with apply_lora(models, tmp_path / "loras" / "style.safetensors", 0.8, unet_multiplier=0.3):
+        split = generate("a cat", **common)
+    assert (generate("a cat <lora:style:0.8:0.3>", lora_dir=tmp_path / "loras", **common) == split).all()
+    assert (generate("a cat <lora:style:te=0.8:unet=0.3>", lora_dir=tmp_path / "loras", **common) == split).all()
+    assert applied_loras(models) == []
 
 
 def test_lora_hash_is_automatic1111s_addnet_hash(tmp_path, models):

@@ -90,8 +90,7 @@ def test_clip_matches_transformers(loaded, batch):
 def test_clip_skip_matches_transformers_hidden_states_and_diffusers_reading(loaded, clip_skip):
     """AUTOMATIC1111's clip_skip N: the output of the N-th layer from the end, then the final LayerNorm. diffusers'
     clip_skip counts one less: its StableDiffusionPipeline.encode_prompt takes hidden_states[-(clip_skip + 1)] and
-    the final LayerNorm (its own code cannot run here: it reads text_encoder.text_model, which transformers 5's
-    CLIPTextModel no longer has), so its clip_skip=1 is our clip_skip=2."""
+    the final LayerNorm, so its clip_skip=1 is our clip_skip=2 (its own encode_prompt: the next test)."""
     ours, checkpoint, configs = loaded
     cfg = configs["clip"]
     ref = transformers_clip(cfg, checkpoint)
@@ -101,6 +100,30 @@ def test_clip_skip_matches_transformers_hidden_states_and_diffusers_reading(load
     a1111 = final_layer_norm(hidden_states[-clip_skip])
     assert_close(ours["clip"](tokens, clip_skip=clip_skip), a1111)  # = diffusers' clip_skip=clip_skip - 1
     assert not torch.allclose(ours["clip"](tokens, clip_skip=2), ours["clip"](tokens))
+
+
+@torch.no_grad()
+def test_clip_skip_2_is_diffusers_encode_prompt_clip_skip_1(loaded):
+    """diffusers' own StableDiffusionPipeline.encode_prompt, run on the same text encoder: its clip_skip=1 is our
+    clip_skip=2 (and its None our 1). It reads text_encoder.text_model.final_layer_norm, a level transformers 5's
+    CLIPTextModel no longer has: the text encoder stands in for it (set outside nn.Module's registry)."""
+    from types import SimpleNamespace
+
+    from diffusers import StableDiffusionPipeline
+
+    from sd.pipeline import encode_prompt
+    from sd.tokenizer import load_tokenizer
+
+    ours, checkpoint, configs = loaded
+    ref = transformers_clip(configs["clip"], checkpoint)
+    if not hasattr(ref, "text_model"):
+        object.__setattr__(ref, "text_model", ref)
+    pipe = SimpleNamespace(tokenizer=load_tokenizer(), text_encoder=ref, unet=None)
+    prompt = ["a red fox in the snow", "two blue squares"]
+    for theirs, clip_skip in ((None, 1), (1, 2)):
+        expected, _ = StableDiffusionPipeline.encode_prompt(pipe, prompt, torch.device("cpu"), 1, False,
+                                                            clip_skip=theirs)
+        assert_close(encode_prompt(ours, prompt, clip_skip=clip_skip), expected)
 
 
 @pytest.mark.parametrize("clip_skip", [0, 3, 1.5, True, None])

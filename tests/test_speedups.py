@@ -158,7 +158,7 @@ def test_generate_with_the_speedups_on_stays_close_and_leaves_the_models_as_they
 def test_generate_refuses_bad_speedup_values_before_any_work(models, options, message, monkeypatch):
     import sd.pipeline
 
-    monkeypatch.setattr(sd.pipeline, "encode_prompt", lambda *a: pytest.fail("the text encoder ran"))
+    monkeypatch.setattr(sd.pipeline, "Conditioning", lambda *a, **k: pytest.fail("the text encoder ran"))
     with pytest.raises(ValueError, match=message):
         run(models, **options)
 
@@ -169,10 +169,10 @@ def test_an_image_too_large_to_decode_at_once_is_accepted_in_tiles(models, monke
     import sd.pipeline
 
     monkeypatch.setattr(sd.pipeline, "device_memory", lambda device: 2**30)  # a 1 GB machine
-    def encode_prompt(*args):
+    def encode_prompts(*args, **kwargs):
         raise RuntimeError("the text encoder ran")
 
-    monkeypatch.setattr(sd.pipeline, "encode_prompt", encode_prompt)
+    monkeypatch.setattr(sd.pipeline, "Conditioning", encode_prompts)  # generate's first model: the prompts' encoding
     big = dict(height=4096, width=4096)
     with pytest.raises(ValueError, match=r"need at least .* or decode in tiles \(vae_tiling=True, sd: --vae-tiling\)"):
         run(models, **big)
