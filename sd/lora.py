@@ -121,18 +121,32 @@ class Layer:
                              not in (torch.int64, torch.int32)):
             raise LoraError(f"{path}: layer {self.name}: its alpha must be one number, got {tuple(t['alpha'].shape)}")
 
+    def update_shape(self) -> tuple[int, int]:
+        """The shape of ΔW as the factors make it: (out, in·kh·kw)."""
+        t = self.tensors
+        return (t["w1_a"].shape[0], t["w1_b"].shape[1]) if self.kind == "loha" else (t["up"].shape[0],
+                                                                                      t["down"].flatten(1).shape[1])
+
+    def check_fits(self, path: Path, shape: torch.Size) -> None:
+        """ΔW fits a weight of `shape` and the factors are finite, else a LoraError naming the layer."""
+        out, inp = self.update_shape()
+        if out * inp != math.prod(shape):
+            raise LoraError(f"{path}: layer {self.name}: its update is ({out}, {inp}), the layer's weight "
+                            f"{tuple(shape)}: a LoRA for another model (SD 2.x or SDXL?)")
+        if not all(torch.isfinite(t).all() for t in self.tensors.values()):
+            raise LoraError(f"{path}: layer {self.name} holds NaN or inf")
+
     def delta(self, shape: torch.Size, alpha: float | None) -> torch.Tensor:
-        """ΔW (float32) for a weight of `shape`, scale alpha / rank included."""
-        t = {k: v.float() for k, v in self.tensors.items() if k != "alpha"}
-        if self.kind == "loha":
-            delta = (t["w1_a"] @ t["w1_b"]) * (t["w2_a"] @ t["w2_b"])  # (out, in·kh·kw)
-        else:
-            delta = t["up"].flatten(1) @ t["down"].flatten(1)  # (out, r) @ (r, in·kh·kw)
-        check(delta.numel() == math.prod(shape), f"LoRA layer {self.name}: its update is {tuple(delta.shape)}, the "
-              f"layer's weight {tuple(shape)}: a LoRA for another model (SD 2.x or SDXL?)")
+        """ΔW (float32) for a weight of `shape` (check_fits first), scale alpha / rank included."""
         if "alpha" in self.tensors:
             alpha = float(self.tensors["alpha"])
-        return delta.reshape(shape) * ((alpha if alpha is not None else self.rank()) / self.rank())
+        scale = (alpha if alpha is not None else self.rank()) / self.rank()
+        t = {k: v.float() for k, v in self.tensors.items() if k != "alpha"}
+        if self.kind == "loha":
+            delta = ((t["w1_a"] * scale) @ t["w1_b"]) * (t["w2_a"] @ t["w2_b"])  # (out, in·kh·kw)
+        else:
+            delta = (t["up"].flatten(1) * scale) @ t["down"].flatten(1)  # (out, r) @ (r, in·kh·kw)
+        return delta.reshape(shape)
 
 
 def read_lora(path: str | os.PathLike) -> tuple[dict[str, Layer], dict[str, str]]:
@@ -222,8 +236,9 @@ class LoraHandle:
     def _parts(self):
         """(the part of the weight a layer changes, that layer, its alpha, its model's multiplier), the part a view:
         writing it writes the weight."""
+        params = {name: dict(self.models[name].named_parameters()) for name in LORA_MODELS}
         for target, layer, alpha in self.changes:
-            weight = dict(self.models[target.model].named_parameters())[target.param]
+            weight = params[target.model][target.param]
             yield weight.data.chunk(target.parts)[target.part], layer, alpha, self.multipliers[target.model]
 
     @property
@@ -239,14 +254,15 @@ class LoraHandle:
             if multiplier == 0:
                 self.saved.append(None)
                 continue
-            merged = (part.float() + multiplier * layer.delta(part.shape, alpha).to(part.device)).to(part.dtype)
-            if not torch.isfinite(merged).all():
+            delta = layer.delta(part.shape, alpha).to(part.device)
+            merged = part.to(torch.float32, copy=True).add_(delta, alpha=multiplier)  # a copy even when W is fp32
+            if not torch.linalg.vector_norm(merged, float("inf")) <= torch.finfo(part.dtype).max:  # NaN fails too
                 self.applied = True
                 self._restore()
                 raise LoraError(f"{self.path}: at multiplier {multiplier:g}, layer {layer.name}'s weights become "
                                 f"inf or NaN in {str(part.dtype).removeprefix('torch.')}: use a smaller multiplier")
             self.saved.append(part.clone())
-            part.copy_(merged)
+            part.copy_(merged)  # rounded once, to the weight's dtype
         self.applied = True
 
     @torch.no_grad()
@@ -319,15 +335,13 @@ def plan_lora(models: Mapping[str, nn.Module], path: str | os.PathLike, multipli
     multipliers = {"clip": float(multiplier), "diffusion": float(unet_multiplier)}
     handle = LoraHandle(name or path.stem, path, multipliers, lora_hash(path), dict(models))
     seen: dict[Target, str] = {}
+    params = {name: dict(models[name].named_parameters()) for name in LORA_MODELS}
     for layer_name, layer in layers.items():
         target = targets[layer_name]
         check(target not in seen, f"{path}: layers {seen.get(target)} and {layer_name} name the same weight")
         seen[target] = layer_name
-        weight = dict(models[target.model].named_parameters())[target.param]
-        shape = weight.chunk(target.parts)[target.part].shape
-        alpha = _file_alpha(metadata, target.model)
-        check(bool(torch.isfinite(layer.delta(shape, alpha)).all()), f"{path}: layer {layer_name} holds NaN or inf")
-        handle.changes.append((target, layer, alpha))
+        layer.check_fits(path, params[target.model][target.param].chunk(target.parts)[target.part].shape)
+        handle.changes.append((target, layer, _file_alpha(metadata, target.model)))
     return handle
 
 
