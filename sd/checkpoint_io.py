@@ -92,6 +92,17 @@ def open_checkpoint(path: str | os.PathLike, nested: bool = False) -> Checkpoint
     raise CheckpointError(f"{path} is not a checkpoint (.safetensors or .ckpt): found {_describe(head, path)}")
 
 
+def open_user_file(path: str | os.PathLike, what: str, kinds: str) -> Checkpoint:
+    """open_checkpoint(path, nested=True) for a small file a user names (an embedding, a LoRA): a folder or a missing
+    file is said so in the words of `what` ("embedding") and `kinds` (".pt, .safetensors, .bin")."""
+    path = pathlib.Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder; give {what} file ({kinds})")
+    if not path.is_file():
+        raise FileNotFoundError(f"{what.split()[-1]} not found: {path}")
+    return open_checkpoint(path, nested=True)
+
+
 def _describe(head: bytes, path: pathlib.Path) -> str:
     """A short, human description of what a non-checkpoint file looks like."""
     if not head:

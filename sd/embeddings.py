@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint_io import CheckpointError, open_checkpoint
+from .checkpoint_io import CheckpointError, open_user_file
 from .checks import check
 
 A1111_PT_KEY = "string_to_param.*"  # AUTOMATIC1111's .pt: {"string_to_param": {"*": (n, d)}}, flattened
@@ -28,11 +28,7 @@ SHORT_HASH = 12  # AUTOMATIC1111's shorthash: the first 12 hex digits of the fil
 def embedding_vectors(path: str | os.PathLike) -> torch.Tensor:
     """The vectors (n, d) float32 of an embedding file in any of the three layouts; CheckpointError otherwise."""
     path = Path(path)
-    if path.is_dir():
-        raise CheckpointError(f"{path} is a folder; give an embedding file (.pt, .safetensors, .bin)")
-    if not path.is_file():
-        raise FileNotFoundError(f"embedding not found: {path}")
-    tensors = open_checkpoint(path, nested=True)
+    tensors = open_user_file(path, "an embedding", ".pt, .safetensors, .bin")
     keys = sorted(tensors)
     if any(k in tensors for k in SDXL_KEYS):
         raise CheckpointError(f"{path}: an SDXL embedding (it has {', '.join(k for k in SDXL_KEYS if k in tensors)}); "

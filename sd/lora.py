@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint_io import CheckpointError, open_checkpoint
+from .checkpoint_io import CheckpointError, open_user_file
 from .checks import check, is_finite_number
 from .embeddings import SHORT_HASH, file_sha256
 from .model_converter import CLIP_PREFIXES, UNET_PREFIX, make_rules
@@ -152,11 +152,7 @@ class Layer:
 def read_lora(path: str | os.PathLike) -> tuple[dict[str, Layer], dict[str, str]]:
     """The file's layers by name, each with its kind's tensors, and the file's metadata; LoraError for anything else."""
     path = Path(path)
-    if path.is_dir():
-        raise LoraError(f"{path} is a folder; give a LoRA file (.safetensors, .pt), or the folder as --lora-dir")
-    if not path.is_file():
-        raise FileNotFoundError(f"LoRA not found: {path}")
-    ckpt = open_checkpoint(path, nested=True)
+    ckpt = open_user_file(path, "a LoRA", ".safetensors, .pt; a folder of them is --lora-dir")
     found: dict[str, dict[str, torch.Tensor]] = {}
     other = []
     for key, tensor in ckpt.items():
