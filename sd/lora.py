@@ -40,6 +40,7 @@ KINDS = {
 UNSUPPORTED = {"lora_mid.weight": "LoCon with a Tucker core (lora_mid)", "hada_t1": "LoHa with Tucker cores",
                "hada_t2": "LoHa with Tucker cores", "lokr_w1": "LoKr", "lokr_w1_a": "LoKr", "dora_scale": "DoRA",
                "oft_blocks": "OFT", "diff": "a full weight difference (LyCORIS 'full')", "w_norm": "norm layers"}
+LORA_LAYERS = (nn.Linear, nn.Conv2d)  # the layers LoRA adapts: not norms, nor embedding tables
 PEFT_METADATA_KEY = "lora_adapter_metadata"  # diffusers writes PEFT's LoraConfig here (lora_alpha, r)
 _SUFFIX = re.compile(r"^(.*?)\.(" + "|".join(re.escape(s) for s in sorted(
     {s for kind in KINDS.values() for s in kind} | set(UNSUPPORTED), key=len, reverse=True)) + r")$")
@@ -80,7 +81,8 @@ def _named_targets(models: Mapping[str, nn.Module]):
     diffusers = ldm_to_diffusers(models)
     for name, (kohya, peft) in LORA_MODELS.items():
         for rule in make_rules(name, models[name]):
-            if len(rule.shape) < 2:  # norms and biases: no LoRA
+            owner = models[name].get_submodule(rule.ours.rpartition(".")[0])
+            if not (isinstance(owner, LORA_LAYERS) and rule.ours.endswith(".weight")):  # norms, biases, embeddings
                 continue
             for part, key in enumerate(rule.theirs):
                 module = diffusers[key][1].removesuffix(".weight")
