@@ -280,6 +280,9 @@ def encode_prompt(models, prompts: str | list[str], clip_skip: int = 1, prompt_s
     check_prompt_options(clip, clip_skip, prompt_syntax)
     check(is_int(steps) and steps > 0 and is_int(step) and 1 <= step <= steps,
           f"step must be a whole number from 1 to steps={steps!r}, got {step!r}")
+    tagged = [p for p in prompts if prompt_syntax == "a1111" and extra_networks(p)[1]]
+    check(not tagged, f"{tagged[0] if tagged else ''!r:.60} names a <lora:...>: encode_prompt does not merge LoRAs; "
+          f"merge it with sd.apply_lora and leave the tag out (generate() reads tags, with lora_dir)")
     with torch.no_grad():
         return Conditioning(clip, prompts, steps, tokenizer or load_tokenizer(), clip_skip, prompt_syntax).at(step)
 

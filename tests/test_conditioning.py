@@ -193,3 +193,8 @@ def test_unknown_extra_networks_are_dropped_with_a_warning_as_automatic1111_does
     with pytest.warns(UserWarning, match="not an extra network sd knows"):
         dropped = generate("i <3:love> you", **common)
     assert (dropped == generate("i  you", **common)).all()
+
+
+def test_encode_prompt_refuses_lora_tags_it_cannot_apply(models):
+    with pytest.raises(ValueError, match="encode_prompt does not merge LoRAs"):
+        encode_prompt(models, "a cat <lora:style:0.5>")
