@@ -82,3 +82,26 @@ def test_gradients_reach_only_the_lora(models):
 def test_bad_settings(models, kwargs, message):
     with pytest.raises(ValueError, match=message):
         LoraNetwork(models, **kwargs)
+
+
+def test_save_lora_writes_kohyas_layout_and_metadata_whole(models, tmp_path):
+    from sd.checkpoint_io import open_checkpoint
+    from sd.training.lora_network import save_lora
+
+    network = LoraNetwork(models, rank=4, alpha=2.0)
+    randomise_up(network)
+    hooked = outputs(models)
+    network.remove()
+    path = save_lora(network, tmp_path / "sks.safetensors", learning_rate=1e-4, max_train_steps=100, seed=0,
+                     resolution=(16, 16))
+    metadata = open_checkpoint(path).metadata
+    assert metadata["ss_network_module"] == "networks.lora" and metadata["ss_network_dim"] == "4"
+    assert metadata["ss_network_alpha"] == "2" and metadata["ss_base_model_version"] == "sd_v1"
+    assert metadata["ss_learning_rate"] == "0.0001" and metadata["ss_resolution"] == "[16, 16]"
+    with apply_lora(models, path):
+        assert close(outputs(models)[0], hooked[0])
+    with pytest.raises(FileExistsError):
+        save_lora(network, path)
+    assert save_lora(network, path, overwrite=True) == path
+    with pytest.raises(ValueError, match="written as .safetensors"):
+        save_lora(network, tmp_path / "sks.pt")

@@ -9,13 +9,18 @@ The base model is never changed: each LoRA adds its output through a forward hoo
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from ..checks import check, is_int
+from ..files import atomic_output
 from ..lora import kohya_names
 
 # Which of our layers each target group holds, by the names of our modules (sd.diffusion, sd.clip).
@@ -113,3 +118,30 @@ class LoraNetwork(nn.Module):
             tensors[f"{name}.alpha"] = torch.tensor(self.alpha)
         return tensors
 
+
+
+# --- the file: kohya's layout and its ss_* metadata ---------------------------------------------------------------
+
+KOHYA_NETWORK_MODULE = "networks.lora"  # what kohya writes in ss_network_module for a plain LoRA
+SD1_BASE = "sd_v1"  # kohya's ss_base_model_version for SD 1.x
+
+
+def kohya_metadata(network: LoraNetwork, **settings) -> dict[str, str]:
+    """The ss_* entries kohya-ss writes that describe this network (ss_network_module, _dim, _alpha,
+    ss_base_model_version, ss_v2), plus any training settings given as ss_<name>=value (ss_learning_rate,
+    ss_max_train_steps, ss_seed, ss_resolution, ...), every value a string as safetensors metadata must be."""
+    metadata = {"ss_network_module": KOHYA_NETWORK_MODULE, "ss_network_dim": str(network.rank),
+                "ss_network_alpha": f"{network.alpha:g}", "ss_base_model_version": SD1_BASE, "ss_v2": "False"}
+    for name, value in settings.items():
+        metadata[f"ss_{name}"] = json.dumps(value) if isinstance(value, (list, tuple, dict)) else str(value)
+    return metadata
+
+
+def save_lora(network: LoraNetwork, path: str | os.PathLike, overwrite: bool = False, **settings) -> Path:
+    """Write the network as a kohya-format .safetensors LoRA with its ss_* metadata (kohya_metadata), whole or not
+    at all (sd.files.atomic_output); an existing file is kept unless overwrite."""
+    path = Path(path)
+    check(path.suffix == ".safetensors", f"a LoRA is written as .safetensors, got {path.name!r}")
+    with atomic_output(path, overwrite=overwrite) as tmp:
+        save_file(network.kohya_state_dict(), str(tmp), metadata=kohya_metadata(network, **settings))
+    return path
