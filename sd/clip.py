@@ -101,6 +101,12 @@ class CLIP(nn.Module):
         self.layers = nn.ModuleList([CLIPLayer(cfg) for _ in range(cfg.n_layers)])
         self.layernorm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
 
+    def check_clip_skip(self, clip_skip) -> None:
+        """ValueError unless clip_skip is a whole number from 1 to n_layers (also what generate checks up front)."""
+        n_layers = self.config.n_layers
+        check(is_int(clip_skip) and 1 <= clip_skip <= n_layers,
+              f"clip_skip must be a whole number from 1 (the last layer) to {n_layers}, got {clip_skip!r}")
+
     def forward(self, tokens: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
         """tokens: integer ids (B, T) with T <= n_tokens -> hidden states (B, T, d_model).
 
@@ -116,8 +122,7 @@ class CLIP(nn.Module):
         if tokens.shape[1] > self.config.n_tokens:
             raise ValueError(f"CLIP takes at most {self.config.n_tokens} tokens per prompt, got {tokens.shape[1]}")
         n_layers = self.config.n_layers
-        check(is_int(clip_skip) and 1 <= clip_skip <= n_layers,
-              f"clip_skip must be a whole number from 1 (the last layer) to {n_layers}, got {clip_skip!r}")
+        self.check_clip_skip(clip_skip)
         x = self.embedding(tokens.long())  # (B, T, D)
         for layer in self.layers[:n_layers - (clip_skip - 1)]:
             x = layer(x)

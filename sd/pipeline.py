@@ -36,7 +36,7 @@ from .lora import loras_applied, prompt_loras
 from .samplers import make_sampler
 from .schedule import alpha_cumprod_at, make_alphas_cumprod, make_betas
 from .speedups import Speedups
-from .prompt_parser import PROMPT_SYNTAXES, extra_networks
+from .prompt_parser import check_prompt_syntax, extra_networks
 from .tokenizer import load_tokenizer
 from .vae_tiling import DECODE_TILE, decode_tiled, encode_tiled
 
@@ -258,11 +258,8 @@ def on_device(model, device, idle_device):
 
 def check_prompt_options(clip, clip_skip, prompt_syntax: str) -> None:
     """clip_skip within the text encoder's layers, prompt_syntax one of PROMPT_SYNTAXES."""
-    n_layers = clip.config.n_layers
-    check(is_int(clip_skip) and 1 <= clip_skip <= n_layers,
-          f"clip_skip must be a whole number from 1 (the last layer) to {n_layers}, got {clip_skip!r}")
-    check(prompt_syntax in PROMPT_SYNTAXES,
-          f"prompt_syntax must be one of {', '.join(PROMPT_SYNTAXES)}, got {prompt_syntax!r}")
+    clip.check_clip_skip(clip_skip)
+    check_prompt_syntax(prompt_syntax)
 
 
 def encode_prompt(models, prompts: str | list[str], clip_skip: int = 1, prompt_syntax: str = "a1111",

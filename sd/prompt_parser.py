@@ -39,6 +39,10 @@ _TOKENS = re.compile(r"""
 _BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
 
 
+def check_prompt_syntax(syntax) -> None:
+    check(syntax in PROMPT_SYNTAXES, f"prompt_syntax must be one of {', '.join(PROMPT_SYNTAXES)}, got {syntax!r}")
+
+
 def parse_prompt_attention(text: str) -> list[list]:
     """[[fragment, weight], ...] for a prompt, runs of equal weight merged; ["BREAK", -1] where BREAK splits it.
     `a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).` gives a 1.0, house 1.573, ' ' 1.1, on 1.0, ' a ' 1.1,
@@ -342,7 +346,7 @@ def tokenize_chunks(prompt: str, tokenizer=None, embeddings: Mapping[str, range]
     diffusers does), so (1, 77)."""
     from .tokenizer import BOS_ID, EOS_ID, clean_prompt, load_tokenizer
 
-    check(syntax in PROMPT_SYNTAXES, f"prompt_syntax must be one of {', '.join(PROMPT_SYNTAXES)}, got {syntax!r}")
+    check_prompt_syntax(syntax)
     tokenizer = tokenizer or load_tokenizer()
     plain = syntax == "plain"
     parsed = [[prompt, 1.0]] if plain else parse_prompt_attention(prompt)
