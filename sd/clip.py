@@ -35,6 +35,12 @@ class CLIPConfig:
         return cls(d_model=32, n_heads=4, n_layers=2, d_ff=64)
 
 
+def check_clip_skip(clip_skip, n_layers: int) -> None:
+    """ValueError unless clip_skip is a whole number from 1 to n_layers (CLIP.forward's check, and generate's)."""
+    check(is_int(clip_skip) and 1 <= clip_skip <= n_layers,
+          f"clip_skip must be a whole number from 1 (the last layer) to {n_layers}, got {clip_skip!r}")
+
+
 class CLIPEmbedding(nn.Module):
     def __init__(self, cfg: CLIPConfig):
         super().__init__()
@@ -101,12 +107,6 @@ class CLIP(nn.Module):
         self.layers = nn.ModuleList([CLIPLayer(cfg) for _ in range(cfg.n_layers)])
         self.layernorm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
 
-    def check_clip_skip(self, clip_skip) -> None:
-        """ValueError unless clip_skip is a whole number from 1 to n_layers (also what generate checks up front)."""
-        n_layers = self.config.n_layers
-        check(is_int(clip_skip) and 1 <= clip_skip <= n_layers,
-              f"clip_skip must be a whole number from 1 (the last layer) to {n_layers}, got {clip_skip!r}")
-
     def forward(self, tokens: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
         """tokens: integer ids (B, T) with T <= n_tokens -> hidden states (B, T, d_model).
 
@@ -122,7 +122,7 @@ class CLIP(nn.Module):
         if tokens.shape[1] > self.config.n_tokens:
             raise ValueError(f"CLIP takes at most {self.config.n_tokens} tokens per prompt, got {tokens.shape[1]}")
         n_layers = self.config.n_layers
-        self.check_clip_skip(clip_skip)
+        check_clip_skip(clip_skip, n_layers)
         x = self.embedding(tokens.long())  # (B, T, D)
         for layer in self.layers[:n_layers - (clip_skip - 1)]:
             x = layer(x)

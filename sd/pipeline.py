@@ -26,6 +26,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .checks import NonFiniteError, check, is_finite_number, is_int
+from .clip import check_clip_skip
 from .conditioning import Conditioning
 from .ddpm import NoiseModel
 from .devices import model_device, model_dtype, resolve_device, restored_on_failure, run_in_dtype
@@ -258,7 +259,7 @@ def on_device(model, device, idle_device):
 
 def check_prompt_options(clip, clip_skip, prompt_syntax: str) -> None:
     """clip_skip within the text encoder's layers, prompt_syntax one of PROMPT_SYNTAXES."""
-    clip.check_clip_skip(clip_skip)
+    check_clip_skip(clip_skip, clip.config.n_layers)
     check_prompt_syntax(prompt_syntax)
 
 
