@@ -56,6 +56,22 @@ def encode_texts(clip, texts: Sequence[str], tokenizer=None, clip_skip: int = 1,
     return [encoded[t] for t in texts], [tokenized[t][0] for t in texts]
 
 
+def encode_captions(clip, captions: Sequence[str], tokenizer=None, prompt_syntax: str = "a1111") -> torch.Tensor:
+    """Training captions through generate's prompt path -> (B, 77·K, d), K the most chunks of any caption, the
+    shorter ones padded with the empty caption's chunk. Every chunk of the batch goes through CLIP in one call, so
+    gradients reach CLIP, and a batch of plain captions of at most 75 tokens is clip(tokenize(captions)) exactly."""
+    embeddings = clip.embedding.embedding_ids()
+    tokenized = [tokenize_chunks(c, tokenizer, embeddings, prompt_syntax) for c in [*captions, ""]]
+    counts = [ids.shape[0] for ids, _ in tokenized]
+    if len(set(counts[:-1])) == 1:  # all the same length: the empty caption is not needed
+        tokenized, counts = tokenized[:-1], counts[:-1]
+    ids = torch.cat([i for i, _ in tokenized])  # (sum k_i, 77)
+    z = clip(ids.to(clip.embedding.token_embedding.weight.device))  # (sum k_i, 77, d)
+    z = emphasize(z, torch.cat([w for _, w in tokenized]))
+    contexts = [c.reshape(-1, z.shape[-1]) for c in z.split(counts)]  # (77·k_i, d) each
+    return padded(contexts[:len(captions)], contexts[-1][:z.shape[1]])
+
+
 def padded(contexts: Sequence[torch.Tensor], empty: torch.Tensor, n_tokens: int | None = None) -> torch.Tensor:
     """(B, T, d): contexts (T_i, d) padded to T (default: the longest) with the empty prompt's chunk (77, d)."""
     n_tokens = max(c.shape[0] for c in contexts) if n_tokens is None else n_tokens

@@ -6,7 +6,8 @@ Original: ldm/modules/diffusionmodules/openaimodel.py (UNetModel) and ldm/module
 (SpatialTransformer) with configs/stable-diffusion/v1-inference.yaml (unet_config).
 References: Ronneberger et al. 2015 (U-Net); Ho et al. 2020 (DDPM, eps-prediction); Shazeer 2020 (GEGLU).
 Two accelerations hook in here, each off unless set by its context manager: Token Merging in the self-attention
-of UNET_AttentionBlock (sd.tome.merged_tokens) and DeepCache in UNET.forward (sd.deepcache.deep_cache).
+of UNET_AttentionBlock (sd.tome.merged_tokens) and DeepCache in UNET.forward (sd.deepcache.deep_cache); for
+training, UNET.gradient_checkpointing recomputes each block's activations in the backward pass.
 """
 
 import math
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .attention import CrossAttention, SelfAttention
 from .checks import check, check_config_fields
@@ -233,6 +235,7 @@ class UNET(nn.Module):
                     layers.append(Upsample(ch))
                 self.decoders.append(SwitchSequential(*layers))
         self.deep_cache = None  # DeepCache (sd.deepcache.deep_cache sets it): None = off
+        self.gradient_checkpointing = False  # training: keep each block's input only, recompute the rest in backward
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
         cache = self.deep_cache
@@ -240,9 +243,9 @@ class UNET(nn.Module):
             return self.shallow_forward(x, context, time, cache)
         skips = []
         for layers in self.encoders:
-            x = layers(x, context, time)
+            x = self.run_block(layers, x, context, time)
             skips.append(x)
-        x = self.bottleneck(x, context, time)
+        x = self.run_block(self.bottleneck, x, context, time)
         for i, layers in enumerate(self.decoders):
             if cache is not None and i == len(self.decoders) - cache.branch - 1:
                 cache.features = x  # what the decoders the shallow path runs start from
@@ -261,11 +264,17 @@ class UNET(nn.Module):
             x = self.decode(layers, x, skips, context, time)
         return x
 
-    @staticmethod
-    def decode(layers, x, skips: list, context, time) -> torch.Tensor:
+    def decode(self, layers, x, skips: list, context, time) -> torch.Tensor:
         """One decoder block on x and the last skip connection; an upsample goes to the size of the next skip."""
         x = torch.cat((x, skips.pop()), dim=1)
-        return layers(x, context, time, output_size=skips[-1].shape[-2:] if skips else None)
+        return self.run_block(layers, x, context, time, output_size=skips[-1].shape[-2:] if skips else None)
+
+    def run_block(self, layers, x, context, time, output_size=None) -> torch.Tensor:
+        """One block; with gradient_checkpointing while gradients are recorded, its activations are recomputed in
+        the backward pass instead of kept (torch.utils.checkpoint): less memory for about one more forward."""
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(layers, x, context, time, output_size, use_reentrant=False)
+        return layers(x, context, time, output_size)
 
 
 class UNET_OutputLayer(nn.Module):

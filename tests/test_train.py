@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 import sd.training.command
 import sd.training.train
+from sd.training.progress import read_log
 from reference import tiny_configs
 from sd.checks import NonFiniteError
 from sd.devices import best_device
@@ -93,9 +94,9 @@ def test_resume_continues_exactly(tmp_path):
 
 def test_caption_dropout_rate(tmp_path, monkeypatch):
     seen = []
-    real_tokenize = sd.training.train.tokenize
-    monkeypatch.setattr(sd.training.train, "tokenize", lambda captions, tokenizer=None: seen.extend(captions) or
-                        real_tokenize(captions, tokenizer))
+    real_encode = sd.training.train.encode_captions
+    monkeypatch.setattr(sd.training.train, "encode_captions", lambda clip, captions, tokenizer=None:
+                        seen.extend(captions) or real_encode(clip, captions, tokenizer))
     train_diffusion(tiny_models(), Squares(), quick(steps=3, batch_size=50, caption_dropout=0.3), tmp_path,
                     progress=False)
     assert len(seen) == 150
@@ -409,16 +410,16 @@ def test_export_refuses_weights_float16_cannot_hold(tmp_path):
 # --- Ctrl-C --------------------------------------------------------------------------------------------------------
 
 def sigint_on_tokenize_call(monkeypatch, n: int) -> None:
-    """The training loss's n-th tokenize call (from 0) sends this process SIGINT, as a Ctrl-C would."""
+    """The training loss's n-th caption encoding (from 0) sends this process SIGINT, as a Ctrl-C would."""
     calls = itertools.count()
-    real_tokenize = sd.training.train.tokenize
+    real_encode = sd.training.train.encode_captions
 
-    def tokenize(captions, tokenizer=None):
+    def encode_captions(clip, captions, tokenizer=None):
         if next(calls) == n:
             signal.raise_signal(signal.SIGINT)
-        return real_tokenize(captions, tokenizer)
+        return real_encode(clip, captions, tokenizer)
 
-    monkeypatch.setattr(sd.training.train, "tokenize", tokenize)
+    monkeypatch.setattr(sd.training.train, "encode_captions", encode_captions)
 
 
 def leftover_temporary_files(folder: Path) -> list[Path]:
@@ -433,12 +434,15 @@ def test_ctrl_c_mid_step_saves_the_last_step_done_and_resumes_exactly(tmp_path, 
         train_diffusion(tiny_models(), Squares(), cfg, tmp_path / "cut", progress=False)
     assert isinstance(info.value, TrainingInterrupted)
     assert (info.value.step, info.value.steps, info.value.checkpoint) == (5, 8, checkpoint_path(tmp_path / "cut", 5))
-    assert sorted(p.name for p in (tmp_path / "cut").iterdir()) == ["checkpoint-5.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "cut").iterdir()) == ["checkpoint-5.safetensors", "log.csv", "loss.png"]
+    assert [row["step"] for row in read_log(tmp_path / "cut" / "log.csv")] == [1, 2, 3, 4, 5]
     monkeypatch.undo()
 
     resumed = train_diffusion(tiny_models(), Squares(), cfg, tmp_path / "cut", progress=False,
                               resume_from=info.value.checkpoint)
     assert resumed == full[5:]  # the partial step 5 was dropped, and redone whole
+    assert read_log(tmp_path / "cut" / "log.csv") and [r["loss"] for r in read_log(tmp_path / "cut" / "log.csv")] == \
+        [r["loss"] for r in read_log(tmp_path / "full" / "log.csv")]  # the log reads as one run
     a, b = (load_file(str(checkpoint_path(tmp_path / run, 8))) for run in ("full", "cut"))
     assert a.keys() == b.keys()
     for key in a:
@@ -449,20 +453,20 @@ def test_ctrl_c_mid_step_saves_the_last_step_done_and_resumes_exactly(tmp_path, 
 def test_ctrl_c_whose_exception_is_lost_still_stops_the_loop(tmp_path, monkeypatch, fate, stopped_after):
     """Python drops an exception raised in a finalizer, and safetensors turns a KeyboardInterrupt into a ValueError:
     the loop notes the Ctrl-C itself, and stops after the step (or, on an error, with the last completed one)."""
-    real_tokenize = sd.training.train.tokenize
+    real_encode = sd.training.train.encode_captions
     calls = itertools.count()
 
-    def tokenize(captions, tokenizer=None):
+    def encode_captions(clip, captions, tokenizer=None):
         if next(calls) == 2:
             try:
                 signal.raise_signal(signal.SIGINT)
-                real_tokenize(captions, tokenizer)
+                real_encode(clip, captions, tokenizer)
             except KeyboardInterrupt:
                 if fate != "dropped":
                     raise ValueError("could not determine the shape of object type 'torch.storage.UntypedStorage'")
-        return real_tokenize(captions, tokenizer)
+        return real_encode(clip, captions, tokenizer)
 
-    monkeypatch.setattr(sd.training.train, "tokenize", tokenize)
+    monkeypatch.setattr(sd.training.train, "encode_captions", encode_captions)
     with pytest.raises(KeyboardInterrupt) as info:
         train_diffusion(tiny_models(), Squares(), quick(steps=6), tmp_path, progress=False)
     assert (info.value.step, info.value.checkpoint) == (stopped_after, checkpoint_path(tmp_path, stopped_after))

@@ -9,10 +9,12 @@ The base model is never changed: each LoRA adds its output through a forward hoo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -53,6 +55,15 @@ class LoraPair(nn.Module):
         return self.up(self.down(x.to(self.down.weight.dtype))) * (self.alpha / self.rank)
 
 
+@dataclass(frozen=True)
+class LoraConfig:
+    """What a LoRA network is: its rank, alpha (the scale is alpha / rank), target groups and whether CLIP has pairs."""
+    rank: int = 8
+    alpha: float = 8.0
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+    text_encoder: bool = False
+
+
 class LoraNetwork(nn.Module):
     """The trainable LoRA of models' UNet (targets: groups of TARGET_GROUPS) and, with text_encoder, of its CLIP.
     Attached by hooks while it lives; remove() detaches it. kohya_state_dict() is what a LoRA file holds."""
@@ -68,6 +79,7 @@ class LoraNetwork(nn.Module):
         check(targets and not unknown, f"targets must be some of {', '.join(TARGET_GROUPS)}, got {targets!r}")
         self.models = dict(models)  # a plain dict: the models are not the network's parameters
         self.rank, self.alpha = rank, float(alpha)
+        self.config = LoraConfig(rank, float(alpha), tuple(targets), bool(text_encoder))
         chosen = [name for group in targets for name in TARGET_GROUPS[group]]
         self.names: dict[str, str] = {}  # our pair's key in self.pairs -> the kohya name it is saved under
         self.pairs = nn.ModuleDict()
@@ -108,10 +120,21 @@ class LoraNetwork(nn.Module):
             handle.remove()
         self._hooks = []
 
-    def kohya_state_dict(self) -> dict[str, torch.Tensor]:
-        """name -> tensor as kohya-ss saves a LoRA: <name>.lora_down.weight, <name>.lora_up.weight, <name>.alpha."""
+    @contextlib.contextmanager
+    def swapped(self, pairs: nn.ModuleDict) -> Iterator[None]:
+        """The network computes with the weights of `pairs` (its EMA copy, say) inside the block, its own after."""
+        own = {k: v.clone() for k, v in self.pairs.state_dict().items()}
+        self.pairs.load_state_dict(pairs.state_dict())
+        try:
+            yield
+        finally:
+            self.pairs.load_state_dict(own)
+
+    def kohya_state_dict(self, pairs: nn.ModuleDict | None = None) -> dict[str, torch.Tensor]:
+        """name -> tensor as kohya-ss saves a LoRA: <name>.lora_down.weight, <name>.lora_up.weight, <name>.alpha;
+        the weights of `pairs` (a copy of self.pairs, such as its EMA) if given."""
         tensors = {}
-        for key, pair in self.pairs.items():
+        for key, pair in (self.pairs if pairs is None else pairs).items():
             name = self.names[key]
             tensors[f"{name}.lora_down.weight"] = pair.down.weight.detach().float().cpu().contiguous()
             tensors[f"{name}.lora_up.weight"] = pair.up.weight.detach().float().cpu().contiguous()
@@ -137,11 +160,13 @@ def kohya_metadata(network: LoraNetwork, **settings) -> dict[str, str]:
     return metadata
 
 
-def save_lora(network: LoraNetwork, path: str | os.PathLike, overwrite: bool = False, **settings) -> Path:
-    """Write the network as a kohya-format .safetensors LoRA with its ss_* metadata (kohya_metadata), whole or not
-    at all (sd.files.atomic_output); an existing file is kept unless overwrite."""
+def save_lora(network: LoraNetwork, path: str | os.PathLike, overwrite: bool = False,
+              pairs: nn.ModuleDict | None = None, **settings) -> Path:
+    """Write the network (with the weights of `pairs`, if given) as a kohya-format .safetensors LoRA with its ss_*
+    metadata (kohya_metadata), whole or not at all (sd.files.atomic_output); an existing file is kept unless
+    overwrite."""
     path = Path(path)
     check(path.suffix == ".safetensors", f"a LoRA is written as .safetensors, got {path.name!r}")
     with atomic_output(path, overwrite=overwrite) as tmp:
-        save_file(network.kohya_state_dict(), str(tmp), metadata=kohya_metadata(network, **settings))
+        save_file(network.kohya_state_dict(pairs), str(tmp), metadata=kohya_metadata(network, **settings))
     return path

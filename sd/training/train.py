@@ -27,9 +27,9 @@ import hashlib
 import json
 import math
 import os
-import signal
+import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,18 +39,22 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from ..checks import NonFiniteError, is_finite_number, is_int, is_number
+from ..conditioning import encode_captions
 from ..ddpm import DDPMSampler
 from ..decoder import VAE_Decoder
+from ..devices import model_dtype
 from ..encoder import VAE_Encoder
 from ..files import atomic_output, save_image
 from ..interrupts import deferred_sigint, remembered_interrupts
 from ..model_loader import save_standard_weights
 from ..pipeline import generate
 from ..schedule import N_TRAINING_STEPS
-from ..tokenizer import tokenize
+from .distributed import SINGLE, World, mean_over_ranks
+from .progress import LOSS_PLOT, TrainingLog, plot_losses
 
 MIXED_PRECISION = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 SAMPLER = "ddim"  # for the periodic sample images: deterministic and good in few steps
@@ -75,6 +79,8 @@ class TrainConfig:
     sample_prompts: tuple[str, ...] = ()
     sample_steps: int = 20          # sampler steps for those images
     checkpoint_every: int = 0       # also checkpoint every this many steps (the last step always is)
+    prior_loss_weight: float = 1.0  # DreamBooth: the class images' loss counts this much (with a prior dataset)
+    gradient_checkpointing: bool = False  # recompute the UNet's activations in backward: less memory, ~1/3 slower
     seed: int = 0
     device: str = "cpu"
 
@@ -89,7 +95,7 @@ class TrainConfig:
                 problems.append(f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
         if not (is_finite_number(self.lr) and self.lr > 0):
             problems.append(f"lr must be a finite number > 0, got {self.lr!r}")
-        for name in ("weight_decay", "grad_clip"):
+        for name in ("weight_decay", "grad_clip", "prior_loss_weight"):
             if not (is_finite_number(getattr(self, name)) and getattr(self, name) >= 0):
                 problems.append(f"{name} must be a finite number >= 0, got {getattr(self, name)!r}")
         for name in ("ema_decay", "caption_dropout"):
@@ -143,10 +149,12 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state))
 
 
-def sample_batch(dataset, n: int, generator: torch.Generator) -> tuple[torch.Tensor, list[str]]:
-    """n (image, caption) pairs drawn with replacement: each step's batch depends only on its own generator."""
+def sample_batch(dataset, n: int, generator: torch.Generator, positions: Sequence[int] | None = None
+                 ) -> tuple[torch.Tensor, list[str]]:
+    """n (image, caption) pairs drawn with replacement, of which only those at `positions` (default: all) are read:
+    each step's batch depends only on its own generator, and a process of a distributed run reads only its share."""
     indices = torch.randint(len(dataset), (n,), generator=generator).tolist()
-    items = [dataset[i] for i in indices]
+    items = [dataset[indices[i]] for i in (range(n) if positions is None else positions)]
     images = torch.stack([torch.as_tensor(image, dtype=torch.float32) for image, _ in items])  # (n, 3, H, W)
     if images.dim() != 4 or images.amin() < -1.001 or images.amax() > 1.001:
         raise ValueError(f"the dataset must yield images (3, H, W) in [-1, 1]; got a batch {tuple(images.shape)} "
@@ -351,13 +359,31 @@ class _Run:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     params: list[nn.Parameter]
+    world: World = SINGLE            # this process among the training processes (sd.training.distributed)
+    ddp: DistributedDataParallel | None = None  # the loss of the trained models, on several processes
     done: int = 0                    # completed steps
     checkpoint: Path | None = None   # the file that holds checkpoint_step steps
     checkpoint_step: int = -1
 
 
-def _start(trained: dict[str, nn.Module], cfg: TrainConfig, resume_from, record: dict | None) -> _Run:
-    """The models on the device in training mode, AdamW, the grad scaler and the EMA copies; restored if resuming."""
+class _Loss(nn.Module):
+    """The trained models as one module whose forward is the loss: what DistributedDataParallel wraps, so that
+    it all-reduces their gradients in the backward pass."""
+
+    def __init__(self, trained: dict[str, nn.Module], loss_fn: Callable):
+        super().__init__()
+        self.trained = nn.ModuleDict(trained)
+        self.loss_fn = loss_fn
+
+    def forward(self, *micro):
+        return self.loss_fn(*micro)
+
+
+def _start(trained: dict[str, nn.Module], cfg: TrainConfig, resume_from, record: dict | None,
+           world: World = SINGLE, loss_fn: Callable | None = None) -> _Run:
+    """The models on the device in training mode, AdamW, the grad scaler and the EMA copies; restored if resuming.
+    On several processes, the loss wrapped in DistributedDataParallel (which starts every rank from rank 0's
+    weights)."""
     device = torch.device(cfg.device)
     for model in trained.values():
         model.to(device).train().requires_grad_(True)
@@ -368,29 +394,37 @@ def _start(trained: dict[str, nn.Module], cfg: TrainConfig, resume_from, record:
     params = [p for _, p in named]
     run = _Run(trained, {name: copy.deepcopy(model).requires_grad_(False).eval() for name, model in trained.items()},
                torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay),
-               torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision == "fp16"), params)
+               torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision == "fp16"), params, world)
     if resume_from:
         run.done = load_checkpoint(resume_from, trained, run.ema, run.optimizer, run.scaler, cfg, record)
         run.checkpoint, run.checkpoint_step = Path(resume_from), run.done
+    if world.size > 1:
+        run.ddp = DistributedDataParallel(_Loss(trained, loss_fn), device_ids=[device] if device.type == "cuda" else None)
     return run
 
 
 def _gradients(run: _Run, draw: Callable, loss_fn: Callable, cfg: TrainConfig, step: int) -> float:
     """Forward and backward over the step's micro-batches; returns the step's loss. The weights do not change
     here, so a Ctrl-C in the middle loses only this step."""
-    device_type = torch.device(cfg.device).type
+    device = torch.device(cfg.device)
     amp_dtype = MIXED_PRECISION[cfg.mixed_precision]
-    # All of the step's randomness at once for the effective batch, so grad_accum x batch_size draws the same
-    # samples as one batch of batch_size * grad_accum.
-    batch = draw(step_generator(cfg.seed, step), cfg.batch_size * cfg.grad_accum)
+    # All of the step's randomness at once for the effective batch (every process, every micro-batch), of which
+    # this process keeps its share: grad_accum x batch_size on N processes draws the same samples as one batch of
+    # batch_size x N x grad_accum on one.
+    world = run.world
+    batch = draw(step_generator(cfg.seed, step), cfg.batch_size * world.size * cfg.grad_accum,
+                 world.positions(cfg.batch_size, cfg.grad_accum))
+    compute = run.ddp or loss_fn
     step_loss = 0.0
     for i in range(cfg.grad_accum):
         micro = [item[i * cfg.batch_size:(i + 1) * cfg.batch_size] for item in batch]
-        with torch.autocast(device_type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
-            loss = loss_fn(*micro)
-        run.scaler.scale(loss / cfg.grad_accum).backward()
+        accumulating = run.ddp is not None and i < cfg.grad_accum - 1  # all-reduce once, after the last one
+        with run.ddp.no_sync() if accumulating else contextlib.nullcontext():
+            with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+                loss = compute(*micro)
+            run.scaler.scale(loss / cfg.grad_accum).backward()
         step_loss += loss.item() / cfg.grad_accum
-    return step_loss
+    return mean_over_ranks(step_loss, world, device)
 
 
 def _non_finite(stage: str, step: int, what: str) -> NonFiniteError:
@@ -436,8 +470,10 @@ def _update(run: _Run, cfg: TrainConfig, stage: str, step: int) -> None:
 
 
 def _save(run: _Run, out_dir, cfg: TrainConfig, record: dict | None) -> None:
-    run.checkpoint = save_checkpoint(checkpoint_path(out_dir, run.done), run.done, run.trained, run.ema,
-                                     run.optimizer, run.scaler, cfg, record)
+    """The checkpoint of the steps done, written by rank 0 alone (every rank holds the same weights)."""
+    run.checkpoint = checkpoint_path(out_dir, run.done)
+    if run.world.is_main:
+        save_checkpoint(run.checkpoint, run.done, run.trained, run.ema, run.optimizer, run.scaler, cfg, record)
     run.checkpoint_step = run.done
 
 
@@ -478,24 +514,31 @@ def _step(run: _Run, draw: Callable, loss_fn: Callable, cfg: TrainConfig, stage:
 
 def _fit(trained: dict[str, nn.Module], draw: Callable, loss_fn: Callable, cfg: TrainConfig, out_dir,
          resume_from, progress: bool, desc: str, on_sample: Callable | None = None,
-         record: dict | None = None) -> list[float]:
-    """The loop both objectives share. draw(generator, n) returns everything random in one step for n samples
-    (a tuple of batch-indexable items); loss_fn takes one micro-batch of them. Returns each step's loss.
-    record (run_record) goes into every checkpoint, and a resumed checkpoint must have the same.
+         record: dict | None = None, world: World = SINGLE) -> list[float]:
+    """The loop every objective shares. draw(generator, n, positions) draws everything random in one step for n
+    samples and returns the samples at positions (a tuple of batch-indexable items); loss_fn takes one micro-batch
+    of them. Returns each step's loss (on several processes: its mean over them).
+    record (run_record) goes into every checkpoint, and a resumed checkpoint must have the same. Rank 0 writes
+    the checkpoints, out_dir/log.csv (step, loss, lr, seconds) and, at the end, out_dir/loss.png.
     Ctrl-C (or SIGTERM): raises TrainingInterrupted once the last completed step is checkpointed (see
     _interrupted). A non-finite loss, gradient norm or weight: NonFiniteError naming the stage (desc) and step,
     before the EMA or a checkpoint takes it."""
-    run = _start(trained, cfg, resume_from, record)
+    run = _start(trained, cfg, resume_from, record, world, loss_fn)
     losses = []
-    bar = tqdm(range(run.done, cfg.steps), initial=run.done, total=cfg.steps, desc=desc, disable=not progress)
+    log = TrainingLog(out_dir, run.done) if world.is_main else None
+    started = time.monotonic()
+    bar = tqdm(range(run.done, cfg.steps), initial=run.done, total=cfg.steps, desc=desc,
+               disable=not (progress and world.is_main))
     with remembered_interrupts() as sigints:
         try:
             for step in bar:
                 if sigints:
                     raise KeyboardInterrupt  # a Ctrl-C whose exception was lost on its way
                 losses.append(_step(run, draw, loss_fn, cfg, desc, step, out_dir, record))
-                bar.set_postfix(loss=f"{losses[-1]:.4f}")
-                if on_sample and cfg.sample_every and _due(run.done, cfg.sample_every, cfg.steps):
+                bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{learning_rate(step, cfg):.3g}")
+                if log is not None:
+                    log.add(run.done, losses[-1], learning_rate(step, cfg), time.monotonic() - started)
+                if on_sample and cfg.sample_every and world.is_main and _due(run.done, cfg.sample_every, cfg.steps):
                     on_sample(run.ema, run.done)
             _save_final(run, out_dir, cfg, record)
         except BaseException as error:
@@ -506,6 +549,11 @@ def _fit(trained: dict[str, nn.Module], draw: Callable, loss_fn: Callable, cfg: 
             bar.close()
             for model in trained.values():
                 model.eval()
+            if log is not None:
+                log.close()
+            if log is not None and log.rows:
+                with deferred_sigint(deliver=False):
+                    plot_losses(log.rows, Path(out_dir) / LOSS_PLOT)
     return losses
 
 
@@ -515,7 +563,8 @@ def _image_size(dataset) -> tuple[int, int]:
 
 
 def train_vae(encoder: VAE_Encoder, decoder: VAE_Decoder, dataset, cfg: TrainConfig = VAETrainConfig(),
-              out_dir: str | os.PathLike = "runs/vae", *, resume_from=None, progress: bool = True) -> list[float]:
+              out_dir: str | os.PathLike = "runs/vae", *, resume_from=None, progress: bool = True,
+              world: World = SINGLE) -> list[float]:
     """The VAE objective: reconstruction + kl_weight * KL(N(mean, var) || N(0, I)), with z = mean + std * eps.
 
     ldm sums both terms over pixels; here both are divided by the pixel count, so the loss reads as a per-pixel
@@ -526,11 +575,11 @@ def train_vae(encoder: VAE_Encoder, decoder: VAE_Decoder, dataset, cfg: TrainCon
     reconstruction_loss = F.l1_loss if cfg.reconstruction == "l1" else F.mse_loss
     record = run_record(_image_size(dataset), {"encoder": encoder.config, "decoder": decoder.config}, frozen={})
 
-    def draw(generator, n):
-        images, _ = sample_batch(dataset, n, generator)
+    def draw(generator, n, positions):
+        images, _ = sample_batch(dataset, n, generator, positions)
         eps = torch.randn((n, vae.latent_channels, images.shape[2] // vae.downscale, images.shape[3] // vae.downscale),
                           generator=generator)
-        return images, eps
+        return images, eps[positions]
 
     def loss_fn(images, eps):
         images = images.to(device)
@@ -541,52 +590,57 @@ def train_vae(encoder: VAE_Encoder, decoder: VAE_Decoder, dataset, cfg: TrainCon
         return reconstruction_loss(reconstruction.float(), images) + cfg.kl_weight * kl.mean() / images[0].numel()
 
     return _fit({"encoder": encoder, "decoder": decoder}, draw, loss_fn, cfg, out_dir, resume_from, progress, "vae",
-                record=record)
+                record=record, world=world)
 
 
 def train_diffusion(models: dict[str, nn.Module], dataset, cfg: TrainConfig = TrainConfig(),
                     out_dir: str | os.PathLike = "runs/diffusion", tokenizer=None, *, resume_from=None,
-                    progress: bool = True) -> list[float]:
+                    progress: bool = True, lora=None, prior_dataset=None, world: World = SINGLE) -> list[float]:
     """The latent-diffusion objective (Ho et al. eq. 14): || eps - eps_theta(x_t, c, t) ||^2, with
     x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, t ~ U{0..999}, x_0 the frozen encoder's latents and
-    c = CLIP(caption), the caption dropped to "" with probability caption_dropout.
+    c = CLIP(caption) through generate's prompt path, the caption dropped to "" with probability caption_dropout.
 
     models: {"clip", "encoder", "decoder", "diffusion"}; trains the UNet (and CLIP when cfg.train_text_encoder)
     in place. The EMA weights are in the checkpoints: load_ema(models, checkpoint_path(out_dir, cfg.steps)).
-    resume_from: a checkpoint of this run; it holds the trained models only, so pass the same frozen VAE (and
-    text encoder, if frozen): a checkpoint trained with other ones is refused."""
+    lora: a sd.training.lora_network.LoraNetwork on these models: only its pairs are trained, the models stay
+    frozen (and may be bfloat16 or float16). prior_dataset: DreamBooth's prior preservation (Ruiz et al. 2023,
+    eq. 2): each step also takes as many class images, whose loss counts cfg.prior_loss_weight.
+    resume_from: a checkpoint of this run; it holds the trained weights only, so pass the same frozen models: a
+    checkpoint trained with other ones is refused. world: this process of a torchrun run (distributed.World)."""
     device = torch.device(cfg.device)
     for model in models.values():
         model.to(device)
-    encoder, clip = models["encoder"].eval(), models["clip"]
-    diffusion_model = models["diffusion"]
-    trained = {"diffusion": diffusion_model, **({"clip": clip} if cfg.train_text_encoder else {})}
+    encoder, clip, diffusion_model = models["encoder"].eval(), models["clip"], models["diffusion"]
+    trained, text_grad = _trained_models(models, cfg, lora)
+    diffusion_model.unet.gradient_checkpointing = cfg.gradient_checkpointing
     vae = encoder.config
     forward_process = DDPMSampler()
     height, width = _image_size(dataset)  # for the sample images
-    frozen = {name: model_digest(models[name]) for name in ("encoder", "clip") if name not in trained}
-    record = run_record((height, width), {name: model.config for name, model in trained.items()}, frozen)
+    frozen = {name: model_digest(models[name]) for name in ("encoder", "clip", "diffusion") if name not in trained}
+    configs = {"lora": lora.config} if lora is not None else {name: m.config for name, m in trained.items()}
+    record = run_record((height, width), configs, frozen)
 
-    def draw(generator, n):
-        images, captions = sample_batch(dataset, n, generator)
-        dropped = (torch.rand(n, generator=generator) < cfg.caption_dropout).tolist()
-        captions = ["" if drop else caption for drop, caption in zip(dropped, captions)]
-        latent_shape = (n, vae.latent_channels, images.shape[2] // vae.downscale, images.shape[3] // vae.downscale)
-        encoder_noise = torch.randn(latent_shape, generator=generator)
-        timesteps = torch.randint(N_TRAINING_STEPS, (n,), generator=generator)
-        noise = torch.randn(latent_shape, generator=generator)
-        return images, captions, encoder_noise, timesteps, noise
+    def draw(generator, n, positions):
+        items = _draw_diffusion(dataset, n, generator, positions, cfg, vae)
+        if prior_dataset is None:
+            return items
+        return tuple(torch.cat([a, b]) if torch.is_tensor(a) else [*a, *b]
+                     for a, b in zip(items, _draw_diffusion(prior_dataset, n, generator, positions, cfg, vae)))
 
     def loss_fn(images, captions, encoder_noise, timesteps, noise):
-        encoder_dtype = next(encoder.parameters()).dtype
         with torch.no_grad():  # the VAE is frozen: x_0 = a sample of its latent Gaussian, scaled
-            latents = encoder(images.to(device, encoder_dtype), encoder_noise.to(device, encoder_dtype)).float()
-        with torch.set_grad_enabled(cfg.train_text_encoder):
-            context = clip(tokenize(captions, tokenizer).to(device))  # (B, 77, d_context)
+            latents = encoder(*(t.to(device, model_dtype(encoder)) for t in (images, encoder_noise))).float()
+        with torch.set_grad_enabled(text_grad):
+            context = encode_captions(clip, captions, tokenizer)  # (B, 77·k, d_context)
         noise = noise.to(device)
         x_t = forward_process.add_noise(latents, timesteps, noise)  # q(x_t | x_0), one t per sample
-        prediction = diffusion_model(x_t, context, timesteps.to(device))
-        return F.mse_loss(prediction.float(), noise)
+        dtype = model_dtype(diffusion_model)
+        prediction = diffusion_model(x_t.to(dtype), context.to(dtype), timesteps.to(device)).float()
+        if prior_dataset is None:
+            return F.mse_loss(prediction, noise)
+        half = prediction.shape[0] // 2  # the instance images, then the class images (draw)
+        return (F.mse_loss(prediction[:half], noise[:half])
+                + cfg.prior_loss_weight * F.mse_loss(prediction[half:], noise[half:]))
 
     def on_sample(ema, step):
         images = generate(list(cfg.sample_prompts), models={**models, **ema}, sampler_name=SAMPLER,
@@ -596,4 +650,43 @@ def train_diffusion(models: dict[str, nn.Module], dataset, cfg: TrainConfig = Tr
             for i, image in enumerate(images):
                 save_image(image, Path(out_dir) / "samples" / f"step-{step}-{i}.png", overwrite=True)
 
-    return _fit(trained, draw, loss_fn, cfg, out_dir, resume_from, progress, "diffusion", on_sample, record)
+    def on_lora_sample(ema, step):
+        with lora.swapped(ema["lora"]):
+            on_sample({}, step)
+
+    try:
+        return _fit(trained, draw, loss_fn, cfg, out_dir, resume_from, progress, "diffusion",
+                    on_lora_sample if lora is not None else on_sample, record, world)
+    finally:
+        diffusion_model.unet.gradient_checkpointing = False
+
+
+def _trained_models(models: dict[str, nn.Module], cfg: TrainConfig, lora) -> tuple[dict[str, nn.Module], bool]:
+    """What the optimizer trains ({"lora": its pairs}, or the UNet and maybe CLIP) and whether gradients go
+    through CLIP; the rest frozen."""
+    for model in models.values():
+        model.requires_grad_(False)
+    if lora is None:
+        trained = {"diffusion": models["diffusion"], **({"clip": models["clip"]} if cfg.train_text_encoder else {})}
+        return trained, cfg.train_text_encoder
+    if cfg.train_text_encoder:
+        raise ValueError("train_text_encoder trains all of CLIP; with a LoRA, give the LoraNetwork "
+                         "text_encoder=True instead (its pairs on CLIP are trained, CLIP stays frozen)")
+    missing = [name for name in ("diffusion", "clip") if lora.models[name] is not models[name]]
+    if missing:
+        raise ValueError(f"the LoRA was made on other models than these ({', '.join(missing)}): make the "
+                         f"LoraNetwork on the models it trains with")
+    return {"lora": lora.pairs}, lora.config.text_encoder
+
+
+def _draw_diffusion(dataset, n: int, generator: torch.Generator, positions: Sequence[int], cfg: TrainConfig, vae):
+    """One step's randomness for n samples, those at positions kept: images, captions (some dropped to ""), the
+    encoder's noise, the timesteps and the noise added."""
+    images, captions = sample_batch(dataset, n, generator, positions)
+    dropped = (torch.rand(n, generator=generator) < cfg.caption_dropout)[positions].tolist()
+    captions = ["" if drop else caption for drop, caption in zip(dropped, captions)]
+    latent_shape = (n, vae.latent_channels, images.shape[2] // vae.downscale, images.shape[3] // vae.downscale)
+    encoder_noise = torch.randn(latent_shape, generator=generator)[positions]
+    timesteps = torch.randint(N_TRAINING_STEPS, (n,), generator=generator)[positions]
+    noise = torch.randn(latent_shape, generator=generator)[positions]
+    return images, captions, encoder_noise, timesteps, noise
