@@ -28,12 +28,17 @@ from ..interrupts import deferred_sigint
 from ..model_loader import build_models, check_configs_fit, configs_from_json
 from ..pipeline import MAX_SEED
 from .datasets import MIN_SIZE, ShapesDataset
+from .finetune import (
+    DEFAULT_STEPS, FULL_LR, LORA_LR, add_finetune_options, check_finetune_only_options, finetune,
+)
 from .train import (
     MIXED_PRECISION, TrainConfig, TrainingInterrupted, VAETrainConfig, check_resumable, checkpoint_path, export,
     fit_latent_scale, latest_checkpoint, load_ema, run_record, train_diffusion, train_vae,
 )
 
 SAMPLE_PROMPTS = ("a red circle on a blue background", "a yellow square on a black background")
+SHAPES_DEFAULTS = {"steps": 3000, "vae_steps": 1000, "batch_size": 32, "lr": 3e-4, "size": 32}
+FINETUNE_DEFAULTS = {"steps": DEFAULT_STEPS, "batch_size": 1}  # lr and size: from the kind of run and the base
 EXPORT_SUFFIXES = (".safetensors", ".ckpt")  # what save_standard_weights writes
 
 
@@ -49,15 +54,21 @@ def default_configs() -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(prog="sd train", description="Train a small text-to-image model on generated shapes: "
-                             "the VAE first, then the UNet and its text encoder. Ctrl-C saves the last step done.")
-    parser.add_argument("--out", type=Path, required=True, help="folder for checkpoints and sample images")
-    parser.add_argument("--steps", type=int, default=3000, help="diffusion steps")
-    parser.add_argument("--vae-steps", type=int, default=1000,
-                        help="VAE steps (0: keep the VAE as it is); resumes from OUT/vae by itself")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=3e-4)
-    parser.add_argument("--size", type=int, default=32, help="image size in pixels")
+    parser = ArgumentParser(prog="sd train", description="Fine-tune a model on your own pictures (--data DIR), as a "
+                            "LoRA (--lora-rank) or whole; or, without --data, train a small text-to-image model on "
+                            "generated shapes: the VAE first, then the UNet and its text encoder. Runs on several "
+                            "processes under torchrun. Ctrl-C saves the last step done.")
+    parser.add_argument("--out", type=Path, required=True, help="folder for checkpoints, logs and sample images")
+    parser.add_argument("--steps", type=int, help=f"training steps (default {SHAPES_DEFAULTS['steps']}; with "
+                        f"--data {DEFAULT_STEPS})")
+    parser.add_argument("--vae-steps", type=int, help=f"shapes: VAE steps (default {SHAPES_DEFAULTS['vae_steps']}; "
+                        f"0: keep the VAE as it is); resumes from OUT/vae by itself")
+    parser.add_argument("--batch-size", type=int, help=f"images per step and process (default "
+                        f"{SHAPES_DEFAULTS['batch_size']}; with --data 1)")
+    parser.add_argument("--lr", type=float, help=f"learning rate (default {SHAPES_DEFAULTS['lr']}; with --data "
+                        f"{LORA_LR} for a LoRA, {FULL_LR} for a full fine-tune)")
+    parser.add_argument("--size", type=int, help=f"image size in pixels (default {SHAPES_DEFAULTS['size']}; with "
+                        f"--data the base model's)")
     parser.add_argument("--seed", type=int, default=0,
                         help="0 to 2**64 - 1; seeds everything: initial weights, data, noise")
     parser.add_argument("--config", type=Path,
@@ -71,7 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mixed-precision", choices=list(MIXED_PRECISION), default="no")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="'auto' (the best here), 'cpu', 'cuda', 'cuda:N' or 'mps'")
+    add_finetune_options(parser)
     return parser
+
+
+def with_defaults(args, defaults: dict) -> argparse.Namespace:
+    """args with each option left out (None) set to its default for this kind of training."""
+    return argparse.Namespace(**{**vars(args), **{k: v for k, v in defaults.items() if getattr(args, k) is None}})
 
 
 @dataclass(frozen=True)
@@ -136,10 +153,11 @@ def _check_folder(option: str, folder: Path) -> None:
             return
 
 
-def _check_paths(args) -> Path:
-    """--out a folder (or nothing yet), --export a file we can write, --resume a file; returns the export path."""
+def check_export_path(args, default_name: str = "model.safetensors") -> Path:
+    """--out a folder (or nothing yet), --export (default OUT/default_name) a file we can write, --resume a file;
+    returns the export path."""
     _check_folder("--out", args.out)
-    export_path = args.export or args.out / "model.safetensors"
+    export_path = args.export or args.out / default_name
     check(export_path.suffix in EXPORT_SUFFIXES,
           f"--export must end in {' or '.join(EXPORT_SUFFIXES)}, got {export_path.name!r}")
     try:
@@ -154,7 +172,7 @@ def _check_paths(args) -> Path:
     return export_path
 
 
-def _check_device(args) -> str:
+def check_device(args) -> str:
     """--device as sd.devices resolves it ("auto": the best here; a device that is not here is refused), checked
     for what fp16 needs; returns it, for the configs and the models."""
     try:
@@ -225,10 +243,12 @@ def _check_nothing_is_replaced(args, export_path: Path) -> None:
 
 def make_plan(args) -> Plan:
     """Every check of the arguments, made before any model is built or trained."""
+    check_finetune_only_options(args)
+    args = with_defaults(args, SHAPES_DEFAULTS)
     _check_options(args)
     configs = _model_configs(args)
-    export_path = _check_paths(args)
-    device = _check_device(args)
+    export_path = check_export_path(args)
+    device = check_device(args)
     vae_cfg, cfg = _stage_configs(args, device)
     if args.resume is not None:
         _check_resume(args, configs, cfg)
@@ -250,14 +270,15 @@ def build_seeded_models(configs: dict, seed: int, device: str) -> dict[str, nn.M
 
 
 @contextlib.contextmanager
-def _say_how_to_go_on(stage: str, how: str) -> Iterator[None]:
-    """On Ctrl-C in a stage, one line on stderr: how far it got, where that is saved and how to go on."""
+def say_how_to_go_on(stage: str, how: str, main: bool = True) -> Iterator[None]:
+    """On Ctrl-C in a stage, one line on stderr (from the main process): how far it got, where that is saved and
+    how to go on."""
     try:
         yield
     except TrainingInterrupted as e:
-        if e.checkpoint is None:
+        if main and e.checkpoint is None:
             print(f"sd train: interrupted before the first {stage} step was done; nothing to save", file=sys.stderr)
-        else:
+        elif main:
             print(f"sd train: interrupted; {stage} step {e.step} of {e.steps} is saved in {e.checkpoint}; to go on, "
                   f"run the same command {how.format(checkpoint=e.checkpoint)}", file=sys.stderr)
         raise
@@ -266,7 +287,7 @@ def _say_how_to_go_on(stage: str, how: str) -> Iterator[None]:
 def _vae_stage(models: dict, plan: Plan, args) -> None:
     """Train the VAE (or finish training it), take its EMA weights and fit the latent scale to them."""
     vae_dir = args.out / "vae"
-    with _say_how_to_go_on("VAE", "again (the VAE stage goes on from its latest checkpoint by itself)"):
+    with say_how_to_go_on("VAE", "again (the VAE stage goes on from its latest checkpoint by itself)"):
         train_vae(models["encoder"], models["decoder"], plan.dataset, plan.vae_cfg, vae_dir,
                   resume_from=plan.vae_resume)
     models.update({k: v for k, v in load_ema(models, checkpoint_path(vae_dir, args.vae_steps)).items()
@@ -282,11 +303,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     (TrainingInterrupted) on Ctrl-C once the last step done is saved, and NonFiniteError if training diverges
     (nothing non-finite is saved or exported); the `sd` command prints them in one line."""
     args = build_parser().parse_args(argv)
+    if args.data is not None:
+        return finetune(with_defaults(args, FINETUNE_DEFAULTS))
     plan = make_plan(args)
+    args = with_defaults(args, SHAPES_DEFAULTS)
     models = build_seeded_models(plan.configs, args.seed, plan.device)
     if plan.vae_cfg:
         _vae_stage(models, plan, args)
-    with _say_how_to_go_on("diffusion", "with --resume {checkpoint}"):
+    with say_how_to_go_on("diffusion", "with --resume {checkpoint}"):
         train_diffusion(models, plan.dataset, plan.cfg, args.out / "diffusion", resume_from=args.resume)
     with deferred_sigint():  # the run is done: a Ctrl-C (or SIGTERM) now waits for its file
         final = load_ema(models, checkpoint_path(args.out / "diffusion", args.steps))
