@@ -248,7 +248,7 @@ def check_resumable(path, cfg: TrainConfig, record: dict | None = None) -> dict[
 
 def save_checkpoint(path: Path, step: int, trained: dict[str, nn.Module], ema: dict[str, nn.Module],
                     optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, cfg: TrainConfig,
-                    record: dict | None = None) -> Path:
+                    record: dict | None = None, world_size: int = 1) -> Path:
     """Training weights (model.*), EMA weights (ema.*), AdamW's per-parameter state (optimizer.<param>.exp_avg,
     .exp_avg_sq, .step); the step, config, grad-scaler state and run record go in the metadata as JSON.
     Written whole or not at all (sd.files.atomic_output), and a Ctrl-C meanwhile waits until it is written."""
@@ -258,7 +258,7 @@ def save_checkpoint(path: Path, step: int, trained: dict[str, nn.Module], ema: d
     for param_name, param in _named_parameters(trained):
         for key, value in optimizer.state[param].items():
             tensors[f"optimizer.{param_name}.{key}"] = value.detach().cpu().contiguous()
-    metadata = {"step": str(step), "train_config": json.dumps(dataclasses.asdict(cfg)),
+    metadata = {"step": str(step), "train_config": json.dumps(dataclasses.asdict(cfg)), "world_size": str(world_size),
                 "grad_scaler": json.dumps(scaler.state_dict()),
                 **({RUN_METADATA_KEY: json.dumps(record)} if record is not None else {})}
     with deferred_sigint(), atomic_output(path) as tmp:
@@ -284,12 +284,16 @@ def _load_tensors(path) -> dict[str, torch.Tensor]:
         return load_file(str(path))
 
 
-def load_checkpoint(path, trained, ema, optimizer, scaler, cfg: TrainConfig, record: dict | None = None) -> int:
+def load_checkpoint(path, trained, ema, optimizer, scaler, cfg: TrainConfig, record: dict | None = None,
+                    world_size: int = 1) -> int:
     """Restore what save_checkpoint wrote, once check_resumable(path, cfg, record) passes; returns the steps done.
-    Changed training settings only warn: a lower learning rate for the rest of a run is a choice."""
+    Changed training settings only warn: a lower learning rate for the rest of a run is a choice. Any world size
+    goes on from any other; only a changed effective batch (batch_size x processes) warns."""
     metadata = check_resumable(path, cfg, record)
     saved = json.loads(metadata["train_config"])
-    changed = [k for k, v in saved.items() if k != "steps" and v != json.loads(json.dumps(getattr(cfg, k, None)))]
+    saved["batch_size"] *= int(metadata.get("world_size", 1))  # compared as the effective batch
+    now = {**dataclasses.asdict(cfg), "batch_size": cfg.batch_size * world_size}
+    changed = [k for k, v in saved.items() if k != "steps" and v != json.loads(json.dumps(now.get(k)))]
     if changed:
         warnings.warn(f"resuming from {path} with changed settings {changed}: the run will differ from the original",
                       stacklevel=3)
@@ -396,7 +400,7 @@ def _start(trained: dict[str, nn.Module], cfg: TrainConfig, resume_from, record:
                torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay),
                torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision == "fp16"), params, world)
     if resume_from:
-        run.done = load_checkpoint(resume_from, trained, run.ema, run.optimizer, run.scaler, cfg, record)
+        run.done = load_checkpoint(resume_from, trained, run.ema, run.optimizer, run.scaler, cfg, record, world.size)
         run.checkpoint, run.checkpoint_step = Path(resume_from), run.done
     if world.size > 1:
         run.ddp = DistributedDataParallel(_Loss(trained, loss_fn), device_ids=[device] if device.type == "cuda" else None)
@@ -473,7 +477,8 @@ def _save(run: _Run, out_dir, cfg: TrainConfig, record: dict | None) -> None:
     """The checkpoint of the steps done, written by rank 0 alone (every rank holds the same weights)."""
     run.checkpoint = checkpoint_path(out_dir, run.done)
     if run.world.is_main:
-        save_checkpoint(run.checkpoint, run.done, run.trained, run.ema, run.optimizer, run.scaler, cfg, record)
+        save_checkpoint(run.checkpoint, run.done, run.trained, run.ema, run.optimizer, run.scaler, cfg, record,
+                        run.world.size)
     run.checkpoint_step = run.done
 
 
@@ -624,10 +629,20 @@ def train_diffusion(models: dict[str, nn.Module], dataset, cfg: TrainConfig = Tr
         items = _draw_diffusion(dataset, n, generator, positions, cfg, vae)
         if prior_dataset is None:
             return items
-        return tuple(torch.cat([a, b]) if torch.is_tensor(a) else [*a, *b]
-                     for a, b in zip(items, _draw_diffusion(prior_dataset, n, generator, positions, cfg, vae)))
+        return items + _draw_diffusion(prior_dataset, n, generator, positions, cfg, vae)  # each sample's class one
 
-    def loss_fn(images, captions, encoder_noise, timesteps, noise):
+    def loss_fn(*micro):
+        if prior_dataset is None:
+            return F.mse_loss(*predicted_and_true_noise(*micro))
+        # The instance samples and their class samples through the UNet as one batch, as diffusers' DreamBooth.
+        n_items = len(micro) // 2
+        joined = [torch.cat([a, b]) if torch.is_tensor(a) else [*a, *b] for a, b in zip(micro[:n_items], micro[n_items:])]
+        prediction, noise = predicted_and_true_noise(*joined)
+        half = prediction.shape[0] // 2
+        return (F.mse_loss(prediction[:half], noise[:half])
+                + cfg.prior_loss_weight * F.mse_loss(prediction[half:], noise[half:]))
+
+    def predicted_and_true_noise(images, captions, encoder_noise, timesteps, noise):
         with torch.no_grad():  # the VAE is frozen: x_0 = a sample of its latent Gaussian, scaled
             latents = encoder(*(t.to(device, model_dtype(encoder)) for t in (images, encoder_noise))).float()
         with torch.set_grad_enabled(text_grad):
@@ -635,12 +650,7 @@ def train_diffusion(models: dict[str, nn.Module], dataset, cfg: TrainConfig = Tr
         noise = noise.to(device)
         x_t = forward_process.add_noise(latents, timesteps, noise)  # q(x_t | x_0), one t per sample
         dtype = model_dtype(diffusion_model)
-        prediction = diffusion_model(x_t.to(dtype), context.to(dtype), timesteps.to(device)).float()
-        if prior_dataset is None:
-            return F.mse_loss(prediction, noise)
-        half = prediction.shape[0] // 2  # the instance images, then the class images (draw)
-        return (F.mse_loss(prediction[:half], noise[:half])
-                + cfg.prior_loss_weight * F.mse_loss(prediction[half:], noise[half:]))
+        return diffusion_model(x_t.to(dtype), context.to(dtype), timesteps.to(device)).float(), noise
 
     def on_sample(ema, step):
         images = generate(list(cfg.sample_prompts), models={**models, **ema}, sampler_name=SAMPLER,
