@@ -181,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_image_args(inpaint, strength=1.0)
     inpaint.add_argument("--mask", type=Path, required=True, help="mask, same size: white = repaint")
     inpaint.add_argument("--paste-back", action="store_true", help="keep the unmasked pixels exactly")
-    commands.add_parser("train", help="train a small model on synthetic shapes (sd train --help)", add_help=False)
+    commands.add_parser("train", help="fine-tune on your pictures (--data), or train a small model on shapes "
+                        "(sd train --help)", add_help=False)
     return parser
 
 

@@ -18,6 +18,7 @@ from sd.lora import apply_lora
 from sd.model_loader import save_standard_weights
 from sd.training.command import main
 from sd.training.datasets import draw
+from sd.training.distributed import World, world_from_env
 from sd.training.progress import read_log
 
 from reference import random_models, tiny_configs
@@ -184,6 +185,28 @@ def test_an_existing_result_or_run_is_kept_without_overwrite(data, tmp_path):
 
 
 # --- two processes ---------------------------------------------------------------------------------------------------
+
+def test_each_rank_takes_its_part_of_every_micro_batch():
+    """3 ranks, batch 2, 2 micro-batches: rank r's micro-batch i is one process's micro-batch i of 6, its r-th pair."""
+    shares = [World(rank, 3).positions(batch_size=2, grad_accum=2) for rank in range(3)]
+    assert shares == [[0, 1, 6, 7], [2, 3, 8, 9], [4, 5, 10, 11]]
+    assert sorted(sum(shares, [])) == list(range(12))
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"WORLD_SIZE": "2"}, "WORLD_SIZE is set but RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT is not: start"),
+    ({"WORLD_SIZE": "2", "RANK": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "x", "MASTER_PORT": "1"}, "RANK 2 must be below"),
+    ({"WORLD_SIZE": "two", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "x", "MASTER_PORT": "1"},
+     "WORLD_SIZE must be a whole number"),
+])
+def test_a_broken_torchrun_environment_is_refused(monkeypatch, env, message):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=message):
+        world_from_env()
+
 
 def torchrun(n: int, *argv) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -42,15 +42,15 @@ def _check_shape(shape: str) -> None:
         raise ValueError(f"unknown shape {shape!r}; known shapes: {', '.join(SHAPES)}")
 
 
-def _check_colour(name: str, role: str = "colour") -> None:
-    if name not in COLOURS:
-        raise ValueError(f"unknown {role} {name!r}; known colours: {', '.join(COLOURS)}")
+def _check_colour(name: str, role: str = "colour", palette: dict = COLOURS) -> None:
+    if name not in palette:
+        raise ValueError(f"unknown {role} {name!r}; known colours: {', '.join(palette)}")
 
 
-def _check(shape: str, colour: str, background: str) -> None:
+def _check(shape: str, colour: str, background: str, palette: dict = COLOURS) -> None:
     _check_shape(shape)
-    _check_colour(colour)
-    _check_colour(background, "background")
+    _check_colour(colour, palette=palette)
+    _check_colour(background, "background", palette)
     if colour == background:
         raise ValueError(f"shape colour and background are both {colour!r}; they must differ")
 
@@ -62,20 +62,22 @@ def caption(shape: str, colour: str, background: str) -> str:
 
 
 def draw(shape: str, colour: str, background: str, size: int = 64,
-         center: tuple[float, float] | None = None, radius: float | None = None) -> Image.Image:
+         center: tuple[float, float] | None = None, radius: float | None = None,
+         palette: dict[str, tuple[int, int, int]] = COLOURS) -> Image.Image:
     """An RGB image of `size` x `size`: a flat `colour` shape on a flat `background`, no anti-aliasing.
     `radius` (pixels) is the circle's radius, the triangle's circumradius, and 1/0.85 of the square's
-    half-side; `center` (x, y) in pixels. Defaults: centred, the largest radius of RADIUS_RANGE."""
-    _check(shape, colour, background)
+    half-side; `center` (x, y) in pixels. Defaults: centred, the largest radius of RADIUS_RANGE.
+    palette: the colours by name (a fine-tuning example adds one the embedded model never saw)."""
+    _check(shape, colour, background, palette)
     if not isinstance(size, int) or size < MIN_SIZE:
         raise ValueError(f"size must be an integer of at least {MIN_SIZE} pixels, got {size!r}")
     cx, cy = center if center is not None else ((size - 1) / 2, (size - 1) / 2)
     r = radius if radius is not None else RADIUS_RANGE[1] * size
     if r <= 0 or min(cx, cy) - r < 0 or max(cx, cy) + r > size - 1:
         raise ValueError(f"a shape of radius {r} at {(cx, cy)} does not fit inside a {size}x{size} image")
-    image = Image.new("RGB", (size, size), COLOURS[background])
+    image = Image.new("RGB", (size, size), palette[background])
     pen = ImageDraw.Draw(image)
-    fill = COLOURS[colour]
+    fill = palette[colour]
     if shape == "circle":
         pen.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
     elif shape == "square":
@@ -184,14 +186,14 @@ def _shape_of(blob: np.ndarray) -> str:
     return "square" if diagonal_extent / axis_extent >= SQUARE_MIN_DIAGONAL_RATIO else "circle"
 
 
-def describe(image) -> dict:
+def describe(image, palette: dict[str, tuple[int, int, int]] = COLOURS) -> dict:
     """Read {"shape", "colour", "background"} back from an image (PIL, (H, W, 3) array, or (3, H, W)
     tensor in [-1, 1]). Every pixel takes its nearest palette colour; the background is the commonest
     one on the border; the shape is the largest connected blob of other pixels (stray noise is ignored),
     its colour the commonest inside it. "none" for shape and colour when there is almost no blob."""
     rgb = _to_rgb_array(image)
-    palette = np.array(list(COLOURS.values()), dtype=np.float32)
-    names = list(COLOURS)
+    names = list(palette)
+    palette = np.array(list(palette.values()), dtype=np.float32)
     nearest = np.linalg.norm(rgb[:, :, None, :] - palette, axis=-1).argmin(axis=-1)  # (H, W)
     border = np.concatenate([nearest[0], nearest[-1], nearest[1:-1, 0], nearest[1:-1, -1]])
     background = np.bincount(border, minlength=len(names)).argmax()
