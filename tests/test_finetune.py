@@ -140,6 +140,7 @@ def test_a_full_fine_tune_writes_a_model_that_generates(data, tmp_path):
     (["--lora-alpha", "4"], "--lora-alpha needs --lora-rank"),
     (["--lora-rank", "4", "--lora-targets", "attention,mlp"], "--lora-targets must be some of attention, "),
     (["--size", "30"], "--size must be a positive multiple of 8 pixels"),
+    (["--size", "100000"], "--size 100000 with 1 image(s) a step needs at least"),
     (["--base-dtype", "bf16"], "--base-dtype bf16 keeps the base frozen in half precision, which only a LoRA"),
     (["--lora-rank", "4", "--base-dtype", "fp16"], "--base-dtype fp16 needs a CUDA device"),
     (["--class-data", "cls"], "--class-data needs --class-prompt"),

@@ -22,7 +22,7 @@ from ..checks import check, is_finite_number
 from ..files import save_image
 from ..interrupts import deferred_sigint
 from ..model_loader import model_configs, preload_models_from_standard_weights
-from ..pipeline import generate
+from ..pipeline import DECODER_LIVE_TENSORS, device_memory, generate
 from .distributed import SINGLE, World, process_device, process_group, world_from_env
 from .image_folder import LATENT_MULTIPLE, ImageFolderDataset, image_files
 from .lora_network import TARGET_GROUPS, LoraNetwork, save_lora
@@ -138,6 +138,18 @@ def _size(args, configs: dict) -> int:
     return size
 
 
+def _check_memory(args, configs: dict, size: int, device: str) -> None:
+    """Refuse a --size and --batch-size whose images cannot fit, before any is read: a floor, the VAE encoder's
+    activations at full resolution (as generate's check of the decoder), for the instance and class images."""
+    vae = configs["vae"]
+    batch = args.batch_size * (2 if args.class_data is not None else 1)
+    need = DECODER_LIVE_TENSORS * batch * vae.block_out_channels[0] * size * size * torch.float32.itemsize
+    have = device_memory(torch.device(device))
+    check(have is None or need <= have, f"--size {size} with {batch} image(s) a step needs at least "
+          f"{need / 2**30:.0f} GB in the VAE encoder alone, and {device} has {(have or 0) / 2**30:.0f} GB: give a "
+          f"smaller --size or --batch-size")
+
+
 def _base_dtype(args, device: str) -> torch.dtype:
     dtype = BASE_DTYPES[args.base_dtype]
     check(dtype == torch.float32 or args.lora_rank is not None, f"--base-dtype {args.base_dtype} keeps the base frozen "
@@ -202,6 +214,7 @@ def make_finetune_plan(args, device: str, world: World = SINGLE) -> FinetunePlan
         lora_targets(args)  # checked here; used when the network is made
     configs = _base_configs(args)
     size = _size(args, configs)
+    _check_memory(args, configs, size, device)
     base_dtype = _base_dtype(args, device)
     class_folder = _class_folder(args)
     dataset = ImageFolderDataset(args.data, size, caption=args.caption, flip=args.flip)
