@@ -8,6 +8,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -244,3 +245,24 @@ def test_two_gloo_processes_train_what_one_does_with_the_doubled_batch_and_resum
         train(*common, "--out", killed, "--batch-size", 2, "--resume", killed / "checkpoints" / "checkpoint-2.safetensors")
     assert_close_files(killed / last, tmp_path / "two" / last, tolerance)
     assert (killed / name).is_file()
+
+
+# --- the log ---------------------------------------------------------------------------------------------------------
+
+def test_a_log_cut_short_by_a_crash_reads_up_to_its_last_whole_row_and_plots(tmp_path):
+    from sd.training.progress import TrainingLog, plot_losses
+
+    log = TrainingLog(tmp_path, done=0)
+    for step in range(1, 6):
+        log.add(step, 1.0 / step, 1e-4, step * 0.5)
+    log.close()
+    with open(tmp_path / "log.csv", "a") as f:
+        f.write("6,0.1")  # a crash in the middle of a row
+    assert [row["step"] for row in read_log(tmp_path / "log.csv")] == [1, 2, 3, 4, 5]
+    resumed = TrainingLog(tmp_path, done=3)  # a run resumed at step 3 keeps rows 1-3 and goes on after them
+    resumed.add(4, 0.3, 1e-4, 0.5)
+    resumed.close()
+    assert [row["step"] for row in read_log(tmp_path / "log.csv")] == [1, 2, 3, 4]
+    image = Image.open(plot_losses(resumed.rows, tmp_path / "loss.png"))
+    colours = np.unique(np.asarray(image).reshape(-1, 3), axis=0)
+    assert image.size == (720, 400) and len(colours) > 2  # axes, curves and labels were drawn
