@@ -20,7 +20,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from .checks import ArgumentParser, NonFiniteError, UsageError
+from .checks import ArgumentParser, NonFiniteError, UsageError, check
 from .files import check_image_output, is_disk_full, save_image
 from .images import RESIZE_MODES
 from .interrupts import remembered_interrupts
@@ -225,6 +225,24 @@ def output_path(output: Path, i: int, n: int) -> Path:
     return output if n == 1 else output.with_name(f"{output.stem}-{i}{output.suffix}")
 
 
+def _share(args: argparse.Namespace):
+    """Under torchrun (WORLD_SIZE > 1): this process's images of the batch, every WORLD_SIZE-th from its RANK, and
+    its World; (None, the single World) otherwise. Each image is the one a single process makes, under its name."""
+    from .training.distributed import world_from_env
+
+    world = world_from_env()
+    if world.size == 1:
+        return None, world
+    check(args.seed is not None and args.seed != RANDOM_SEED, "under torchrun, give --seed: every process must "
+          "draw the same batch")
+    check(getattr(args, "image", None) is None, "under torchrun, sd generate shares out text to image only")
+    check(args.preview is None, "under torchrun, --preview would be written by every process: leave it out")
+    rows = list(range(world.rank, args.num_images, world.size))
+    check(rows, f"--num-images {args.num_images} leaves nothing for rank {world.rank} of {world.size}: give at "
+          f"least {world.size} images, or fewer processes")
+    return rows, world
+
+
 def check_outputs(args: argparse.Namespace) -> None:
     """Before any work: the output's extension and folder (every image goes beside the first, in its format), and a
     preview path that is new (or --overwrite) and is neither the output nor the input."""
@@ -262,12 +280,14 @@ def run_generation(args: argparse.Namespace) -> list[Path]:
 
     from .devices import fast_dtype, resolve_device
     from .model_loader import preload_models_from_standard_weights
+    from .training.distributed import process_device
     from .pipeline import check_mask_size, check_numbers, default_size, generate
 
     checkpoint = args.checkpoint or EMBEDDED_CHECKPOINT
     if args.checkpoint is None and not checkpoint.is_file():
         raise FileNotFoundError(f"the embedded model {checkpoint} is missing from this installation; "
                                 "pass --checkpoint weights/v1-5-pruned-emaonly.safetensors (see weights/README.md)")
+    rows, world = _share(args)
     seed = resolve_seed(args.seed)
     check_numbers(args.cfg_scale, getattr(args, "strength", 1.0), args.num_images, seed, None, args.height, args.width)
     speedups = Speedups(args.tome, args.deepcache, args.attention_slice_size, args.vae_tiling)
@@ -279,7 +299,7 @@ def run_generation(args: argparse.Namespace) -> list[Path]:
         check_mask_size(image, mask)
     run = steps_run(args, image)
     extras = check_extras(args, checkpoint)
-    device = resolve_device(args.device)
+    device = resolve_device(process_device(world, str(resolve_device(args.device))))
     dtype = fast_dtype(device) if args.dtype == "auto" else getattr(torch, args.dtype)
     label = "embedded model" if args.checkpoint is None else "checkpoint"
     print(f"sd: {label} {checkpoint} on {device} in {str(dtype).removeprefix('torch.')}, {args.sampler} {run} steps, "
@@ -295,16 +315,16 @@ def run_generation(args: argparse.Namespace) -> list[Path]:
                       width=width, num_images=args.num_images, paste_back=getattr(args, "paste_back", False),
                       progress=not args.quiet, callback=show, output_type="pil",
                       resize_mode=getattr(args, "resize_mode", "stretch"), nonfinite=args.nonfinite,
-                      clip_skip=args.clip_skip, prompt_syntax=extras.syntax, lora_dir=args.lora_dir,
+                      clip_skip=args.clip_skip, prompt_syntax=extras.syntax, lora_dir=args.lora_dir, rows=rows,
                       **dataclasses.asdict(speedups))
     digest = model_hash(checkpoint)
     written = []
-    for i, picture in enumerate(images):
-        path = output_path(Path(args.output), i, len(images))
+    for i, picture in zip(rows or range(len(images)), images):
+        path = output_path(Path(args.output), i, args.num_images)
         parameters = a1111_parameters(
             extras.recorded_prompt(args.prompt), args.negative_prompt, args.steps, args.sampler, args.cfg_scale, seed,
             width, height, checkpoint, digest, strength=args.strength if image is not None else None,
-            batch=(len(images), i), steps_run=run, extra=extras.parameters(models, run) + speedup_parameters(speedups))
+            batch=(args.num_images, i), steps_run=run, extra=extras.parameters(models, run) + speedup_parameters(speedups))
         written.append(save_image(picture, path, parameters, overwrite=args.overwrite))
         note = "" if written[-1] == path else f" ({path} exists; --overwrite replaces it)"
         print(f"sd: wrote {written[-1]}{note}", file=sys.stderr)

@@ -20,11 +20,38 @@ from .schedule import (
 NoiseModel = Callable[[torch.Tensor, torch.Tensor | int | float], torch.Tensor]
 
 
-def randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """N(0, I) noise of x's shape and dtype, drawn on the generator's device (so a CPU seed gives the same
-    numbers whatever device x is on), then moved to x's device."""
-    device = generator.device if generator is not None else x.device
-    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=device).to(x.device)
+def draw_noise(shape, generator: "torch.Generator | BatchRows | None", dtype: torch.dtype,
+               device: torch.device | str = "cpu") -> torch.Tensor:
+    """N(0, I) noise of `shape`, drawn on the generator's device (so a CPU seed gives the same numbers whatever
+    device the models are on; `device` only without a generator)."""
+    if isinstance(generator, BatchRows):
+        return generator.randn(shape, dtype)
+    return torch.randn(shape, generator=generator, dtype=dtype, device=generator.device if generator else device)
+
+
+def randn_like(x: torch.Tensor, generator: "torch.Generator | BatchRows | None") -> torch.Tensor:
+    """N(0, I) noise of x's shape and dtype (draw_noise), moved to x's device."""
+    return draw_noise(x.shape, generator, x.dtype, x.device).to(x.device)
+
+
+class BatchRows:
+    """A generator for some rows of a batch: each draw is made for the whole batch of `total` images, as one process
+    would make it, and only `rows` of it are kept. So the process of a torchrun run that makes images 1 and 3 of 4
+    draws exactly their noise (sd generate under torchrun). Every draw must be one row per image."""
+
+    def __init__(self, generator: torch.Generator, rows: list[int], total: int):
+        self.generator, self.rows, self.total = generator, list(rows), total
+
+    @property
+    def device(self) -> torch.device:
+        return self.generator.device
+
+    def randn(self, shape, dtype: torch.dtype) -> torch.Tensor:
+        if shape[0] != len(self.rows):
+            raise RuntimeError(f"a draw of {shape[0]} rows for a share of {len(self.rows)} images: BatchRows takes only "
+                               f"draws of one row per image")
+        full = torch.randn((self.total, *shape[1:]), generator=self.generator, dtype=dtype, device=self.device)
+        return full[self.rows]
 
 
 class DDPMSampler:

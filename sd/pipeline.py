@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from .checks import NonFiniteError, check, is_finite_number, is_int
 from .clip import check_clip_skip
 from .conditioning import Conditioning
-from .ddpm import NoiseModel
+from .ddpm import BatchRows, NoiseModel, draw_noise
 from .devices import model_device, model_dtype, resolve_device, restored_on_failure, run_in_dtype
 from .embeddings import embedding_names
 from .images import RESIZE_MODES, image_to_tensor, mask_to_tensor, oriented_size
@@ -173,6 +173,17 @@ def check_inputs(models, input_image, mask_image, strength, cfg_scale, height, w
     if tokenizer is not None and not (callable(tokenizer) and hasattr(tokenizer, "decode")):
         raise TypeError(f"tokenizer must be a transformers CLIPTokenizer (sd.load_tokenizer() gives one), "
                         f"got {tokenizer!r:.80}")
+
+
+def check_rows(rows, total: int, input_image) -> None:
+    """rows: None, or some of the batch's images 0..total-1, in order, each once; text to image only (an image's
+    encoding draws noise once for the whole batch, which a share cannot repeat)."""
+    if rows is None:
+        return
+    check(isinstance(rows, (list, tuple)) and rows and all(is_int(i) for i in rows)
+          and list(rows) == sorted(set(rows)) and 0 <= rows[0] and rows[-1] < total,
+          f"rows must be some of the batch's images 0..{total - 1}, in order, each once, got {rows!r}")
+    check(input_image is None, "rows (a share of the batch) is for text to image only")
 
 
 def check_size(models, height: int, width: int, batch: int, device: torch.device, dtype: torch.dtype,
@@ -461,6 +472,7 @@ def generate(
     clip_skip: int = 1,
     prompt_syntax: str = "a1111",
     lora_dir: str | os.PathLike | None = None,
+    rows: list[int] | None = None,
 ):
     """Make images from text (and optionally an image to start from and a mask of what to repaint).
 
@@ -504,6 +516,8 @@ def generate(
     Textual-inversion embeddings loaded into models (sd.load_embedding) are used wherever a prompt names them.
     <lora:name:multiplier> in the prompt (AUTOMATIC1111's) merges lora_dir/name.safetensors into the weights for this
     call (sd.lora; LoRAs for every call: sd.apply_lora).
+    rows: make only these images of the batch (prompt by prompt, num_images each), each exactly as a call without
+    rows makes it: a process's share when several share a batch (sd generate under torchrun). Text to image only.
     """
     prompts, negatives = check_prompts(prompt, uncond_prompt, negative_prompt)
     check_models(models, needs_encoder=input_image is not None)
@@ -523,9 +537,15 @@ def generate(
     dtype = model_dtype(diffusion)  # the text encoder's output goes into the UNet in this dtype
     prompts = [p for p in prompts for _ in range(num_images)]
     negatives = [n for n in negatives for _ in range(num_images)]
+    total = len(prompts)
+    check_rows(rows, total, input_image)
+    if rows is not None:  # this process's share of the batch (sd generate under torchrun)
+        prompts, negatives = [prompts[i] for i in rows], [negatives[i] for i in rows]
     B = len(prompts)
     check_size(models, height, width, B, device, model_dtype(decoder), vae_tiling)
     generator = make_generator(seed, generator)
+    if rows is not None:
+        generator = BatchRows(generator, rows, total)
     # Cheap, and checks the sampler's name, step count (cut to strength) and options: still before any model runs.
     sampler = make_sampler(sampler_name, generator, n_inference_steps, strength if input_image is not None else None,
                            **({} if eta is None else {"eta": eta}))
@@ -535,7 +555,7 @@ def generate(
     finite = FiniteCheck(nonfinite)
 
     def randn(shape) -> torch.Tensor:
-        return torch.randn(shape, generator=generator, dtype=STATE_DTYPE, device=generator.device).to(device)
+        return draw_noise(shape, generator, STATE_DTYPE).to(device)
 
     image = mask = None
     if input_image is not None:

@@ -210,10 +210,10 @@ def test_a_broken_torchrun_environment_is_refused(monkeypatch, env, message):
         world_from_env()
 
 
-def torchrun(n: int, *argv) -> subprocess.CompletedProcess:
+def torchrun(n: int, *argv, command: str = "train") -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
-               "-m", "sd", "train", *map(str, argv)]
+               "-m", "sd", command, *map(str, argv)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -266,3 +266,62 @@ def test_a_log_cut_short_by_a_crash_reads_up_to_its_last_whole_row_and_plots(tmp
     image = Image.open(plot_losses(resumed.rows, tmp_path / "loss.png"))
     colours = np.unique(np.asarray(image).reshape(-1, 3), axis=0)
     assert image.size == (720, 400) and len(colours) > 2  # axes, curves and labels were drawn
+
+
+
+# --- sharing out a batch of images -------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def embedded():
+    from sd.cli import EMBEDDED_CHECKPOINT
+    from sd.model_loader import preload_models_from_standard_weights
+    return preload_models_from_standard_weights(EMBEDDED_CHECKPOINT)
+
+
+@pytest.mark.parametrize("sampler", ["euler_a", "ddpm"])
+def test_a_share_of_the_batch_is_exactly_those_images_of_the_whole(embedded, sampler):
+    """rows draws every noise (the start and each ancestral step's) for the whole batch and keeps its rows."""
+    from sd.pipeline import generate
+    common = dict(prompt=["a red circle on a blue background", "a yellow square on a black background"],
+                  models=embedded, num_images=2, seed=3, sampler_name=sampler, n_inference_steps=4, progress=False)
+    whole = generate(**common)
+    assert np.array_equal(generate(**common, rows=[1, 2]), whole[[1, 2]])
+
+
+@pytest.mark.parametrize("rows, message", [([2, 1], "in order, each once"), ([0, 4], "images 0..3"), ([], "rows must"),
+                                           ([1.5], "rows must")])
+def test_bad_rows_are_refused(embedded, rows, message):
+    from sd.pipeline import generate
+    with pytest.raises(ValueError, match=message):
+        generate("a cat", models=embedded, num_images=4, seed=0, rows=rows, progress=False)
+
+
+def test_two_processes_share_out_sd_generate_under_the_single_run_names(tmp_path):
+    """torchrun sd generate --num-images 3: rank 0 makes images 0 and 2, rank 1 image 1, named as one process names
+    them; in float32 the pixels are one process's (to 1/255: the processes run on one thread each)."""
+    args = ["a red circle on a blue background", "--num-images", 3, "--seed", 7, "--steps", 4, "--dtype", "float32",
+            "--quiet"]
+    (tmp_path / "two").mkdir()
+    torchrun(2, *args, "-o", tmp_path / "two" / "x.png", command="generate")
+    result = subprocess.run([sys.executable, "-m", "sd", "generate", *map(str, args), "-o", str(tmp_path / "x.png")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["x-0.png", "x-1.png", "x-2.png"]
+    for i in range(3):
+        a, b = (np.asarray(Image.open(folder / f"x-{i}.png"), dtype=np.int16) for folder in (tmp_path, tmp_path / "two"))
+        assert np.abs(a - b).max() <= 1
+        assert Image.open(tmp_path / "two" / f"x-{i}.png").text["parameters"] == \
+            Image.open(tmp_path / f"x-{i}.png").text["parameters"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    ([], "under torchrun, give --seed: every process must draw the same batch"),
+    (["--seed", "1", "--num-images", "1"], "--num-images 1 leaves nothing for rank 1 of 2"),
+])
+def test_sd_generate_under_torchrun_refuses_what_cannot_be_shared(tmp_path, monkeypatch, extra, message):
+    from sd.cli import main as sd_main
+    for name, value in dict(RANK="1", WORLD_SIZE="2", LOCAL_RANK="1", MASTER_ADDR="localhost", MASTER_PORT="1").items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=message):
+        sd_main(["--debug", "generate", "a cat", "-o", str(tmp_path / "x.png"), *extra])
+    assert not list(tmp_path.iterdir())
