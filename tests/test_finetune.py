@@ -325,3 +325,32 @@ def test_sd_generate_under_torchrun_refuses_what_cannot_be_shared(tmp_path, monk
     with pytest.raises(ValueError, match=message):
         sd_main(["--debug", "generate", "a cat", "-o", str(tmp_path / "x.png"), *extra])
     assert not list(tmp_path.iterdir())
+
+
+# --- Ctrl-C -------------------------------------------------------------------------------------------------------------
+
+def test_ctrl_c_in_a_lora_run_keeps_the_last_step_and_going_on_gives_the_same_lora(data, tmp_path, monkeypatch):
+    import itertools
+    import signal
+
+    import sd.training.train
+    from sd.training.train import TrainingInterrupted
+
+    common = ["--data", data, "--lora-rank", 4, "--steps", 6, "--batch-size", 2, "--lr", "1e-3", *QUICK]
+    train(*common, "--out", tmp_path / "whole")
+    calls, real = itertools.count(), sd.training.train.encode_captions
+
+    def encode_captions(clip, captions, tokenizer=None):
+        if next(calls) == 3:  # in step 4: steps 1-3 are done
+            signal.raise_signal(signal.SIGINT)
+        return real(clip, captions, tokenizer)
+
+    monkeypatch.setattr(sd.training.train, "encode_captions", encode_captions)
+    cut = tmp_path / "cut"
+    with pytest.raises(TrainingInterrupted) as info:
+        train(*common, "--out", cut)
+    assert (info.value.step, info.value.checkpoint) == (3, cut / "checkpoints" / "checkpoint-3.safetensors")
+    assert not (cut / "lora.safetensors").exists()
+    monkeypatch.undo()
+    train(*common, "--out", cut, "--resume", info.value.checkpoint)
+    assert largest_difference(cut / "lora.safetensors", tmp_path / "whole" / "lora.safetensors") == 0
