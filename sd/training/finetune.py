@@ -32,7 +32,6 @@ BASE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.floa
 CHECKPOINTS = "checkpoints"  # OUT/checkpoints: a fine-tune's training checkpoints
 LORA_LR, FULL_LR = 1e-4, 1e-5  # kohya's LoRA default; diffusers' SD fine-tuning examples
 DEFAULT_STEPS = 1000
-CLASS_BATCH = 4  # class images generated at once
 CLASS_STEPS = 20  # sampler steps for each class image
 
 
@@ -232,19 +231,17 @@ def make_class_images(models: dict, folder: Path, prompt: str, n: int, size: int
     """Fill folder up to n class images of the base model, class-<i>.png from seed + i, written whole: a run that
     is stopped keeps the ones done, and the next run makes only the rest. Rank 0 makes them; the others wait."""
     if world.is_main:
-        have = len(image_files(folder)) if folder.is_dir() and any(folder.iterdir()) else 0
+        have = len(image_files(folder, required=False)) if folder.is_dir() else 0
         missing = list(range(have, n))
         if missing:
             print(f"sd train: making {len(missing)} class images of {prompt!r} in {folder} with the base model",
                   file=sys.stderr)
-        for start in range(0, len(missing), CLASS_BATCH):
-            seeds = missing[start:start + CLASS_BATCH]
-            for i in seeds:
-                image = generate(prompt, models=models, seed=seed + i, height=size, width=size,
-                                 n_inference_steps=CLASS_STEPS, sampler_name="dpmpp_2m", progress=False,
-                                 output_type="pil")[0]
-                with deferred_sigint():
-                    save_image(image, folder / f"class-{i:04d}.png")
+        for i in missing:
+            image = generate(prompt, models=models, seed=seed + i, height=size, width=size,
+                             n_inference_steps=CLASS_STEPS, sampler_name="dpmpp_2m", progress=False,
+                             output_type="pil")[0]
+            with deferred_sigint():
+                save_image(image, folder / f"class-{i:04d}.png")
     if world.size > 1:
         torch.distributed.barrier()
 

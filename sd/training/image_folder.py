@@ -55,10 +55,10 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         return (pixels.flip(-1) if i >= n else pixels), self.captions[i % n]
 
 
-def image_files(folder: Path) -> list[Path]:
-    """Every image in folder and the folders below it, sorted; a clear error if there are none."""
+def image_files(folder: Path, required: bool = True) -> list[Path]:
+    """Every image in folder and the folders below it, sorted; a clear error if there are none and required."""
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    check(files, f"training data {folder} holds no images ({', '.join(IMAGE_SUFFIXES)}), in it or in its folders")
+    check(files or not required, f"training data {folder} holds no images ({', '.join(IMAGE_SUFFIXES)}), in it or in its folders")
     return files
 
 

@@ -78,7 +78,6 @@ class LoraNetwork(nn.Module):
         unknown = [t for t in targets if t not in TARGET_GROUPS]
         check(targets and not unknown, f"targets must be some of {', '.join(TARGET_GROUPS)}, got {targets!r}")
         self.models = dict(models)  # a plain dict: the models are not the network's parameters
-        self.rank, self.alpha = rank, float(alpha)
         self.config = LoraConfig(rank, float(alpha), tuple(targets), bool(text_encoder))
         chosen = [name for group in targets for name in TARGET_GROUPS[group]]
         self.names: dict[str, str] = {}  # our pair's key in self.pairs -> the kohya name it is saved under
@@ -96,6 +95,14 @@ class LoraNetwork(nn.Module):
             by_layer.setdefault((target.model, target.param), []).append((target.part, target.parts, key))
         check(self.pairs, "no layer matches the LoRA's targets")
         self._hooks = [self._attach(model, param, parts) for (model, param), parts in by_layer.items()]
+
+    @property
+    def rank(self) -> int:
+        return self.config.rank
+
+    @property
+    def alpha(self) -> float:
+        return self.config.alpha
 
     def _attach(self, model: str, param: str, parts: list[tuple[int, int, str]]):
         """A forward hook on the layer adding each pair's output to its part of the layer's output channels."""
