@@ -146,6 +146,7 @@ def test_a_full_fine_tune_writes_a_model_that_generates(data, tmp_path):
     (["--lora-rank", "4", "--base-dtype", "fp16"], "--base-dtype fp16 needs a CUDA device"),
     (["--class-data", "cls"], "--class-data needs --class-prompt"),
     (["--class-prompt", "a dog"], "--class-prompt needs --class-data"),
+    (["--class-data", "data", "--class-prompt", "a dog"], "--class-data must be another folder than --data"),
     (["--vae-steps", "10"], "--vae-steps belongs to training the shapes model from scratch"),
     (["--checkpoint", "nowhere.safetensors"], "--checkpoint nowhere.safetensors: no such file"),
     (["--caption-dropout", "2"], "--caption-dropout must be a number from 0 to 1, got 2"),

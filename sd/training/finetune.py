@@ -24,7 +24,7 @@ from ..interrupts import deferred_sigint
 from ..model_loader import model_configs, preload_models_from_standard_weights
 from ..pipeline import DECODER_LIVE_TENSORS, device_memory, generate
 from .distributed import SINGLE, World, process_device, process_group, world_from_env
-from .image_folder import LATENT_MULTIPLE, ImageFolderDataset, image_files
+from .image_folder import LATENT_MULTIPLE, ImageFolderDataset, captions, image_files
 from .lora_network import TARGET_GROUPS, LoraNetwork, save_lora
 from .train import TrainConfig, checkpoint_path, check_resumable, export, latest_checkpoint, load_ema, train_diffusion
 
@@ -169,6 +169,8 @@ def _class_folder(args) -> Path | None:
     check(not args.class_data.exists() or args.class_data.is_dir(), f"--class-data {args.class_data} is a file; "
           f"give a folder")
     check(args.class_data.resolve() != args.data.resolve(), "--class-data must be another folder than --data")
+    if args.class_data.is_dir():  # what would refuse it as a dataset, said before the class images are made
+        captions(args.class_data, image_files(args.class_data, required=False), args.class_prompt)
     return args.class_data
 
 
