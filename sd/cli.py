@@ -23,7 +23,7 @@ from pathlib import Path
 from .checks import ArgumentParser, NonFiniteError, UsageError, check
 from .files import check_image_output, is_disk_full, save_image
 from .images import RESIZE_MODES
-from .interrupts import remembered_interrupts
+from .interrupts import forget_caught_interrupts, remembered_interrupts
 from .pipeline import NONFINITE
 from .speedups import DEEPCACHE_INTERVAL, TOME_RATIO, Speedups
 
@@ -485,11 +485,13 @@ def main(argv: list[str] | None = None) -> int:
         if not debug:
             warnings.showwarning = _one_line_warnings
         try:
-            return run_command(argv)
+            code = run_command(argv)
         except BaseException as error:
             if debug or not isinstance(error, (Exception, KeyboardInterrupt)):
                 raise
-            return _exit_code(error, interrupted=bool(interrupts))
+            code = _exit_code(error, interrupted=bool(interrupts))
+    forget_caught_interrupts()  # a Ctrl-C handled here must not end `python -m sd` by SIGINT after all
+    return code
 
 
 def _exit_code(error: BaseException, interrupted: bool) -> int:

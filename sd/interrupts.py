@@ -82,3 +82,14 @@ def remembered_interrupts(signals: Sequence[int] = STOP_SIGNALS) -> Iterator[lis
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def forget_caught_interrupts() -> None:
+    """Make a Ctrl-C that was caught stay caught when the process ends.
+
+    CPython marks the interpreter as interrupted when a KeyboardInterrupt ends a string `exec` (dataclasses build
+    each `__init__` that way, so importing transformers runs hundreds), even if a caller catches it. Under
+    `python -m` the interpreter then ends itself by SIGINT at exit, whatever exit code the program gave (CPython's
+    run_eval_code_obj and Py_RunMain): `sd` would die of the signal (-2) after saying "sd: interrupted" and
+    returning 130. Evaluating a string clears the mark; call this once the interruption has been handled."""
+    exec("")  # run_eval_code_obj resets the mark first; an empty module cannot be interrupted inside
