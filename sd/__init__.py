@@ -27,6 +27,15 @@ The public API:
     sd.NonFiniteError           what generate() raises when NaN/inf appears, naming where
 """
 
+from . import interrupts
+
+# A Ctrl-C that lands while torch's C++ side starts up can abort the process (pybind11 ends in std::terminate),
+# and one inside numpy's extension breaks its import for good: it waits until both are loaded, then is raised.
+with interrupts.deferred_sigint():
+    import numpy
+    import torch
+del numpy, torch  # loaded for the modules below, not part of sd's API
+
 from . import samplers
 from .checks import NonFiniteError
 from .embeddings import load_embedding

@@ -120,3 +120,22 @@ def test_every_module_imports_on_its_own():
 def test_unknown_names_are_attribute_errors():
     with pytest.raises(AttributeError, match="module 'sd' has no attribute 'genrate'"):
         sd.genrate
+
+
+def test_a_ctrl_c_while_torch_loads_waits_until_torch_has_loaded():
+    """CI saw a Ctrl-C at start-up abort the process (pybind11: "terminate called after throwing ...
+    KeyboardInterrupt", exit -6): it had landed while torch's C++ side was starting. `import sd` holds it back
+    until numpy and torch are loaded, then raises it. Here the Ctrl-C comes as torch looks for its C extension."""
+    code = (
+        "import importlib.abc, signal, sys\n"
+        "class CtrlCAsTorchLoads(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name == 'torch._C':\n"
+        "            signal.raise_signal(signal.SIGINT)\n"
+        "sys.meta_path.insert(0, CtrlCAsTorchLoads())\n"
+        "try:\n"
+        "    import sd\n"
+        "except KeyboardInterrupt:\n"
+        "    print('interrupted', 'torch' in sys.modules and hasattr(sys.modules['torch'], 'nn'))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.stdout == "interrupted True\n", result.stderr
