@@ -1,5 +1,6 @@
 """Ctrl-C (SIGINT) and `kill` (SIGTERM) held back while something must finish: a file being created, a training
-step being applied, a checkpoint being written.
+step being applied, a checkpoint being written, numpy and torch loading (sd/__init__.py); and a Ctrl-C that the
+`sd` command has handled kept from ending the process after all (forget_caught_interrupts).
 
 No tutorial counterpart. Python runs a signal's handler between two bytecodes of the main thread, so a Ctrl-C can
 land anywhere, even between creating a file and remembering its name; holding the signal back for those few lines
